@@ -1,0 +1,25 @@
+"""fp8ctx: run PyTorch models with their weights held in FP8 — scoped, lazy and exactly reversible."""
+
+from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and Embedding)
+from ._config import FP8Config
+from ._context import fp8_weights, functional_call
+from ._errors import FP8Error
+from ._store import DEFAULT_LAYERS, FP8Store
+from ._tensor import FP8Layout, FP8Tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # entry points
+    "fp8_weights",
+    "functional_call",
+    # representation
+    "FP8Store",
+    "FP8Tensor",
+    "FP8Layout",
+    # options
+    "FP8Config",
+    "DEFAULT_LAYERS",
+    # errors
+    "FP8Error",
+]

@@ -1,0 +1,109 @@
+"""Module mechanics: the only place that writes ``module._parameters`` or a Parameter's storage.
+
+Every change goes through a :class:`Journal`, which records how to undo it *before* making it. ``undo()``
+replays the record in reverse order, so a half-done swap (an error or ``KeyboardInterrupt`` between two
+steps) is rolled back exactly like a finished one, and the very same Parameter objects go back in place.
+Nothing here registers hooks, sets attributes on modules, or changes a class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Journal", "find_slots"]
+
+logger = logging.getLogger("fp8ctx")
+
+Slot = tuple[nn.Module, str]
+
+
+def find_slots(root: nn.Module, parameters: Iterable[torch.Tensor]) -> dict[int, list[Slot]]:
+    """Every ``(module, attribute)`` under ``root`` that holds one of ``parameters``, keyed by ``id``.
+
+    A tied weight (``lm_head.weight is embed_tokens.weight``) has several slots; swapping all of them with
+    one object keeps it tied.
+    """
+    wanted = {id(p) for p in parameters}
+    slots: dict[int, list[Slot]] = {key: [] for key in wanted}
+    for module in root.modules():
+        for attribute, value in module._parameters.items():
+            if value is not None and id(value) in wanted:
+                slots[id(value)].append((module, attribute))
+    return slots
+
+
+def _placeholder(param: torch.Tensor) -> torch.Tensor:
+    """One NaN broadcast to ``param``'s shape: keeps its metadata, frees its storage, and is loudly wrong
+    if anything still holding the detached original computes with it."""
+    return torch.full((1,), float("nan"), dtype=param.dtype, device=param.device).expand(param.shape)
+
+
+class Journal:
+    """Records reversible changes to modules and Parameters; :meth:`undo` reverts them in reverse order.
+
+    Example:
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> weight = layer.weight
+        >>> journal = Journal()
+        >>> try:
+        ...     journal.swap(layer, "weight", torch.nn.Parameter(torch.zeros(2, 4)))
+        ... finally:
+        ...     journal.undo()
+        >>> layer.weight is weight
+        True
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def swap(self, module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
+        """Put ``tensor`` in ``module._parameters[attribute]`` (no hooks fire, no attribute is added)."""
+        original = module._parameters[attribute]
+
+        def put_back() -> None:
+            module._parameters[attribute] = original
+
+        self._undo.append(put_back)
+        module._parameters[attribute] = tensor
+
+    def offload(self, param: nn.Parameter) -> None:
+        """Move ``param``'s values to (pinned) host memory and free its device storage, keeping the object.
+
+        On undo the exact bits come back to the original device, in a tensor of the original strides.
+        Parameters already on the CPU are left as they are: there is no device memory to free.
+        """
+        if param.device.type == "cpu":
+            return
+        original = param.data
+        pinned = torch.cuda.is_available() and param.device.type == "cuda"
+        host = torch.empty_strided(original.size(), original.stride(), dtype=original.dtype, pin_memory=pinned)
+        host.copy_(original, non_blocking=pinned)
+        device, size, stride = original.device, original.size(), original.stride()
+        del original
+
+        def bring_back() -> None:
+            restored = torch.empty_strided(size, stride, dtype=host.dtype, device=device)
+            restored.copy_(host, non_blocking=pinned)
+            param.data = restored
+
+        self._undo.append(bring_back)
+        param.data = _placeholder(param)
+
+    def undo(self) -> None:
+        """Revert every recorded change, newest first; if some step fails, the rest still run, then the
+        first failure is raised."""
+        first_error: BaseException | None = None
+        while self._undo:
+            step = self._undo.pop()
+            try:
+                step()
+            except BaseException as error:  # keep restoring: a partial restore is the worst outcome
+                logger.error("fp8ctx: a restore step failed: %r", error)
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error

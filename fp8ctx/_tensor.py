@@ -1,0 +1,192 @@
+"""`FP8Tensor`: an FP8 weight that presents itself as the dense weight it replaces.
+
+An ``FP8Tensor`` holds FP8 data plus float32 scales (see ``_numerics`` for the convention) and reports the
+original weight's dtype, shape and device. Layers that fp8ctx knows (Linear, Conv*, ConvTranspose*,
+Embedding) reach it through ``__torch_function__`` and run a dedicated path; every other read of it
+(``w.float()``, ``w @ x``, ``w.T``...) falls through to ``__torch_dispatch__``, which dequantizes it first, so
+no caller ever sees raw FP8 codes. Writes into it raise: an FP8 weight is read-only while held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from . import kernels
+from ._errors import FP8Error
+
+__all__ = ["FP8Layout", "FP8Tensor", "implements"]
+
+_aten = torch.ops.aten
+
+# torch functions with a dedicated FP8 path, filled by `implements` (see `_ops`)
+_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+# ops that only re-wrap the same storage; they must return an FP8Tensor, not a dense copy
+_ALIASES = {_aten.detach.default, _aten.alias.default}
+
+
+def implements(*functions: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a handler that runs instead of ``function`` when an ``FP8Tensor`` is among its arguments."""
+
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        for function in functions:
+            _FUNCTIONS[function] = handler
+        return handler
+
+    return register
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Layout:
+    """Where a weight's scales apply: granularity, block edge and output-channel axis."""
+
+    granularity: str
+    block_size: int
+    channel_axis: int
+
+
+class FP8Tensor(torch.Tensor):
+    """An FP8 weight (data + float32 scale) that reports the original dtype, shape and device.
+
+    Args:
+        data: FP8 codes, the original weight's shape.
+        scale: float32 scales, shaped as ``_numerics.scale_shape`` says.
+        layout: granularity, block size and channel axis the scales refer to.
+        dtype: the original (compute) dtype; :meth:`dequantize` returns it.
+        name: the parameter name, used in error messages.
+
+    Example:
+        >>> store = fp8ctx.FP8Store.from_module(torch.nn.Linear(16, 8))
+        >>> w = store["weight"]
+        >>> w.shape, w.dtype, w.storage_dtype, w.dequantize().dtype
+        (torch.Size([8, 16]), torch.float32, torch.float8_e4m3fn, torch.float32)
+    """
+
+    _data: torch.Tensor
+    _scale: torch.Tensor
+    fp8_layout: FP8Layout
+    param_name: str
+
+    @staticmethod
+    def __new__(
+        cls, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, name: str = ""
+    ) -> FP8Tensor:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, data.shape, strides=data.stride(), dtype=dtype, device=data.device, requires_grad=False
+        )
+
+    def __init__(
+        self, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, name: str = ""
+    ) -> None:
+        self._data = data
+        self._scale = scale
+        self.fp8_layout = layout
+        self.param_name = name
+
+    # -- what users read -------------------------------------------------------------------------------
+
+    @property
+    def qdata(self) -> torch.Tensor:
+        """The FP8 codes (a plain tensor of ``storage_dtype``)."""
+        return self._data
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The float32 scales; ``dequantize()`` multiplies by them."""
+        return self._scale
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self._data.dtype
+
+    @property
+    def nbytes(self) -> int:  # type: ignore[override]
+        """Bytes actually held: FP8 codes plus scales."""
+        return self._data.numel() * self._data.element_size() + self._scale.numel() * self._scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
+        """A dense copy in ``dtype`` (default: the original dtype)."""
+        layout = self.fp8_layout
+        return kernels.dequantize(
+            self._data, self._scale, dtype or self.dtype, layout.granularity, layout.block_size, layout.channel_axis
+        )
+
+    def to_device(self, device: torch.device | str) -> FP8Tensor:
+        """The same FP8 weight with data and scales on ``device`` (no dequantization)."""
+        return _as_parameter(
+            FP8Tensor(self._data.to(device), self._scale.to(device), self.fp8_layout, self.dtype, self.param_name)
+        )
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return (
+            f"FP8Tensor(name={self.param_name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"storage_dtype={self.storage_dtype}, granularity={self.fp8_layout.granularity!r}, device={self.device})"
+        )
+
+    # -- torch.compile support: the two inner tensors are the real state ------------------------------
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
+        return ["_data", "_scale"], (self.fp8_layout, self.dtype, self.param_name)
+
+    @staticmethod
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], context: tuple[Any, ...], outer_size: Any, outer_stride: Any
+    ) -> FP8Tensor:
+        layout, dtype, name = context
+        return FP8Tensor(inner["_data"], inner["_scale"], layout, dtype, name)
+
+    def _stable_hash_for_caching(self) -> str:
+        # torch.compile's AOT cache key: the structure only; values are graph inputs, the name is cosmetic
+        return f"FP8Tensor{tuple(self.shape)}{self.dtype}{self.storage_dtype}{tuple(self._scale.shape)}{self.fp8_layout}"
+
+    # -- interception ----------------------------------------------------------------------------------
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        handler = _FUNCTIONS.get(func)
+        if handler is not None:
+            return handler(*args, **kwargs)
+        # unlike torch.Tensor's default, results are never re-wrapped as FP8Tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in _ALIASES:
+            source = args[0]
+            return FP8Tensor(source._data, source._scale, source.fp8_layout, source.dtype, source.param_name)
+        _refuse_writes(func, args, kwargs)
+        args, kwargs = tree_map_only(FP8Tensor, FP8Tensor.dequantize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise if ``func`` would write into an FP8Tensor: the write would land in a temporary copy."""
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[position] if position < len(args) else kwargs.get(argument.name)
+        if isinstance(value, FP8Tensor):
+            raise FP8Error(
+                f"{func} would write into weight {value.param_name!r}, which is held as FP8 inside fp8_weights(); "
+                "a write could only reach a temporary dequantized copy. Modify the weight outside the block, "
+                "or leave this layer out with exclude=."
+            )
+
+
+def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:
+    """Mark ``tensor`` as an ``nn.Parameter`` (torch's route for tensor subclasses) without grad."""
+    return torch.nn.Parameter(tensor, requires_grad=False)  # type: ignore[return-value]
+
+
+def make_fp8_tensor(
+    data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, name: str
+) -> FP8Tensor:
+    """Build the parameter-flagged FP8Tensor that the store holds and the context swaps in."""
+    return _as_parameter(FP8Tensor(data, scale, layout, dtype, name))

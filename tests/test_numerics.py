@@ -1,0 +1,103 @@
+"""`_numerics` against the formula computed independently, group by group (conftest.reference_qdq)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FP8_MAX, reference_qdq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8ctx import _numerics
+
+GRANULARITIES = ["tensor", "channel", "block"]
+STORAGE = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
+SHAPES = [
+    pytest.param((64, 48), 0, id="linear"),
+    pytest.param((37, 29), 0, id="linear-ragged"),
+    pytest.param((12, 5, 3, 3), 0, id="conv2d"),
+    pytest.param((6, 4, 3, 3, 3), 0, id="conv3d"),
+    pytest.param((5, 7, 4, 4), 1, id="convtranspose2d-axis1"),
+]
+
+
+def qdq(weight, granularity, block_size, storage, axis):
+    scale = _numerics.compute_scale(weight, storage, granularity, block_size, axis)
+    data = _numerics.quantize(weight, scale, storage, granularity, block_size, axis)
+    return data, scale, _numerics.dequantize(data, scale, weight.dtype, granularity, block_size, axis)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_matches_formula_bit_for_bit(granularity, storage, shape, axis, dtype, device):
+    weight = (torch.randn(shape, device=device) * 0.05).to(dtype)
+    data, scale, restored = qdq(weight, granularity, 16, storage, axis)
+    assert data.dtype == storage and data.shape == weight.shape
+    assert scale.dtype == torch.float32
+    assert scale.shape == _numerics.scale_shape(weight.shape, granularity, 16, axis)
+    assert restored.dtype == dtype
+    expected = reference_qdq(weight.cpu(), granularity, 16, storage, axis)
+    assert torch.equal(restored.cpu(), expected)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_scale_is_amax_over_fp8_max_and_dequantize_multiplies(granularity):
+    weight = torch.zeros(4, 8)
+    weight[1, 2] = -3.5
+    scale = _numerics.compute_scale(weight, torch.float8_e4m3fn, granularity, 4)
+    group_of_element = {"tensor": (), "channel": (1,), "block": (0, 0)}[granularity]
+    assert scale[group_of_element].item() == pytest.approx(3.5 / 448)
+    data = _numerics.quantize(weight, scale, torch.float8_e4m3fn, granularity, 4)
+    assert data.float()[1, 2].item() == -448.0  # the amax element lands on the format's max
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_all_zero_groups_give_exact_zeros_not_nan(granularity, storage):
+    weight = torch.randn(8, 8)
+    weight[:4] = 0  # a zero channel and two zero 4x4 tiles
+    _, scale, restored = qdq(weight, granularity, 4, storage, 0)
+    assert torch.isfinite(scale).all()
+    assert torch.equal(restored[:4], torch.zeros(4, 8))
+    _, _, zeros = qdq(torch.zeros(3, 5), granularity, 4, storage, 0)
+    assert torch.equal(zeros, torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_nan_and_inf_show_up_in_the_scale(granularity):
+    for bad in (float("nan"), float("inf")):
+        weight = torch.randn(6, 6)
+        weight[2, 3] = bad
+        scale = _numerics.compute_scale(weight, torch.float8_e4m3fn, granularity, 4)
+        assert not torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_dequantize_rows_equals_dequantize_then_gather(granularity, device):
+    table = torch.randn(50, 20, device=device, dtype=torch.bfloat16)
+    data, scale, dense = qdq(table, granularity, 8, torch.float8_e4m3fn, 0)
+    indices = torch.tensor([[3, 49, 0], [8, 8, 17]], device=device)
+    rows = _numerics.dequantize_rows(data, scale, indices, torch.bfloat16, granularity, 8)
+    assert torch.equal(rows, dense[indices])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    block=st.integers(1, 17),
+    granularity=st.sampled_from(GRANULARITIES),
+    magnitude=st.floats(1e-6, 1e4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_and_magnitude_round_trips_within_fp8_precision(rows, cols, block, granularity, magnitude, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * magnitude
+    data, scale, restored = qdq(weight, granularity, block, torch.float8_e4m3fn, 0)
+    assert torch.equal(restored, reference_qdq(weight, granularity, block))
+    assert data.float().abs().max() <= FP8_MAX[torch.float8_e4m3fn]
+    # e4m3 keeps 3 mantissa bits: each value moves by at most 1/16 of itself, or one subnormal step
+    bound = weight.abs() / 16 + scale.max() * 2.0**-9
+    assert ((restored - weight).abs() <= bound * 1.0001).all()
