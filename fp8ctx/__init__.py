@@ -4,6 +4,7 @@ from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and E
 from ._config import FP8Config
 from ._context import fp8_weights, functional_call
 from ._errors import FP8Error
+from ._report import LayerReport, OutputReport, Report, report
 from ._store import DEFAULT_LAYERS, FP8Store
 from ._tensor import FP8Layout, FP8Tensor
 
@@ -13,10 +14,15 @@ __all__ = [
     # entry points
     "fp8_weights",
     "functional_call",
+    "report",
     # representation
     "FP8Store",
     "FP8Tensor",
     "FP8Layout",
+    # reports
+    "Report",
+    "LayerReport",
+    "OutputReport",
     # options
     "FP8Config",
     "DEFAULT_LAYERS",

@@ -130,7 +130,8 @@ class _FP8Weights:
             for module, targets, given in zip(self._modules, plans, self._stores):
                 slots = find_slots(module, [t.param for t in targets])
                 entries = {}
-                for target in progress(targets, "fp8ctx: quantizing", self._progress_bar):
+                bar = self._progress_bar if given is None else False  # nothing to wait for when reusing a store
+                for target in progress(targets, "fp8ctx: quantizing", bar):
                     entry = given[target.name] if given is not None else quantize_target(target, self._config)
                     for owner, attribute in slots[id(target.param)]:
                         journal.swap(owner, attribute, entry)

@@ -1,0 +1,121 @@
+"""The ``fp8ctx`` command line: ``fp8ctx report [MODEL_DIR] [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from ._errors import FP8Error
+
+__all__ = ["main"]
+
+STORAGE_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp8ctx", description="Run models with FP8-held weights and see what it does.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report",
+        help="memory saved, weight and output error, exact restore",
+        description="Load a local diffusers/transformers directory (or, with none, the embedded default: "
+        "all-MiniLM-L6-v2 and a reduced Qwen-Image VAE), run it on a small built-in input with and without "
+        "FP8 weights, and print the report.",
+    )
+    report.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="local model or pipeline directory")
+    report.add_argument("--component", action="append", metavar="NAME", help="pipeline component (repeatable); default vae and text_encoder")
+    report.add_argument("--granularity", choices=("tensor", "channel", "block"), default="channel")
+    report.add_argument("--block-size", type=int, default=128)
+    report.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="e4m3")
+    report.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype the model is loaded in")
+    report.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    report.add_argument("--rows", type=int, default=12, help="layers shown, worst SQNR first (0: all)")
+    report.add_argument("--json", metavar="PATH", help="also write the full reports as JSON")
+    report.add_argument("--verbose", action="store_true", help="log progress; show tracebacks")
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FP8Error(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FP8Error(f"--device {name!r}: no CUDA device is available here")
+    return device
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ._report import report
+    from .integrations._loading import default_subjects, load_subjects
+
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.model_dir is None:
+        if args.component:
+            raise FP8Error("--component needs a MODEL_DIR (a pipeline directory)")
+        subjects = default_subjects(device, dtype)
+    else:
+        subjects = load_subjects(args.model_dir, args.component, device, dtype)
+    results = []
+    for subject in subjects:
+        result = report(
+            subject.model,
+            run=subject.run,
+            granularity=args.granularity,
+            block_size=args.block_size,
+            storage_dtype=STORAGE_DTYPES[args.storage_dtype],
+        )
+        results.append(result)
+        print(f"== {subject.title}")
+        print(result.table(max_rows=args.rows or None))
+        if args.rows and len(result.layers) > args.rows:
+            print(f"({args.rows} of {len(result.layers)} weights shown, lowest SQNR first; --rows 0 shows all)")
+        if subject.run is None:
+            print("(no built-in input for this model type: weights only)")
+        print("\n".join(result.summary_lines()))
+        print()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([r.to_dict() for r in results], handle, indent=2)
+    return 0 if all(r.restored_exactly is not False for r in results) else 1
+
+
+def _quiet_libraries() -> None:
+    """The report is the output: keep the libraries' own warnings and progress bars out of it."""
+    for name in ("diffusers", "transformers"):
+        try:
+            library = __import__(f"{name}.utils.logging", fromlist=["logging"])
+        except ImportError:
+            continue
+        library.set_verbosity_error()
+        if hasattr(library, "disable_progress_bar"):
+            library.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fp8ctx`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return _report(args)
+    except (FP8Error, OSError, ValueError, ImportError) as error:
+        if args.verbose:
+            raise
+        print(f"fp8ctx: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fp8ctx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""`report`: what FP8 storage does to a model — bytes saved, weight error per layer, output error, exact restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._config import FP8Config
+from ._context import fp8_weights
+from ._store import DEFAULT_LAYERS, Exclude, FP8Store, find_targets
+
+__all__ = ["LayerReport", "OutputReport", "Report", "report"]
+
+logger = logging.getLogger("fp8ctx")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One weight: where it is, how big it is dense and as FP8, and how far FP8 moved it."""
+
+    name: str
+    layer_type: str
+    shape: tuple[int, ...]
+    dense_bytes: int
+    fp8_bytes: int
+    sqnr_db: float | None
+    relative_error: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputReport:
+    """The model's output with FP8 weights against the unquantized run on the same inputs."""
+
+    relative_l2: float
+    cosine: float
+    max_abs_error: float
+    psnr_db: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The result of :func:`report`: per-layer rows, totals, output error and the restore check.
+
+    Printing gives a terminal table; Jupyter shows an HTML table; ``to_dict()`` / ``to_pandas()`` give data.
+    """
+
+    model: str
+    config: FP8Config
+    layers: tuple[LayerReport, ...]
+    output: OutputReport | None
+    restored_exactly: bool | None
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(row.dense_bytes for row in self.layers)
+
+    @property
+    def fp8_bytes(self) -> int:
+        return sum(row.fp8_bytes for row in self.layers)
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.dense_bytes - self.fp8_bytes
+
+    @property
+    def worst_sqnr_db(self) -> float | None:
+        values = [row.sqnr_db for row in self.layers if row.sqnr_db is not None]
+        return min(values) if values else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready)."""
+        return {
+            "model": self.model,
+            "config": {
+                "storage_dtype": str(self.config.storage_dtype).removeprefix("torch."),
+                "granularity": self.config.granularity,
+                "block_size": self.config.block_size,
+            },
+            "layers": [dataclasses.asdict(row) for row in self.layers],
+            "totals": {
+                "layers": len(self.layers),
+                "dense_bytes": self.dense_bytes,
+                "fp8_bytes": self.fp8_bytes,
+                "saved_bytes": self.saved_bytes,
+                "worst_sqnr_db": self.worst_sqnr_db,
+            },
+            "output": dataclasses.asdict(self.output) if self.output else None,
+            "restored_exactly": self.restored_exactly,
+        }
+
+    def to_pandas(self) -> Any:
+        """The per-layer rows as a ``pandas.DataFrame`` (needs pandas)."""
+        import pandas
+
+        return pandas.DataFrame([dataclasses.asdict(row) for row in self.layers])
+
+    def summary_lines(self) -> list[str]:
+        config = self.config
+        lines = [
+            f"{self.model}: {len(self.layers)} weights as {str(config.storage_dtype).removeprefix('torch.')}, "
+            f"granularity={config.granularity}" + (f" ({config.block_size})" if config.granularity == "block" else ""),
+            f"  weights: {_size(self.dense_bytes)} dense -> {_size(self.fp8_bytes)} FP8 "
+            f"(saves {_size(self.saved_bytes)}, {self.fp8_bytes / max(self.dense_bytes, 1):.1%} of dense)",
+        ]
+        if self.worst_sqnr_db is not None:
+            lines.append(f"  weight SQNR: worst layer {self.worst_sqnr_db:.1f} dB")
+        if self.output is not None:
+            out = self.output
+            psnr = f", PSNR {out.psnr_db:.1f} dB" if out.psnr_db is not None else ""
+            lines.append(
+                f"  output vs unquantized: relative L2 {out.relative_l2:.2e}, cosine {out.cosine:.6f}, "
+                f"max |err| {out.max_abs_error:.2e}{psnr}"
+            )
+        if self.restored_exactly is not None:
+            lines.append(f"  model restored bit-exact after the block: {'yes' if self.restored_exactly else 'NO'}")
+        return lines
+
+    def table(self, max_rows: int | None = None) -> str:
+        """The per-layer table as text; ``max_rows`` keeps the worst-SQNR rows."""
+        rows = list(self.layers)
+        if max_rows is not None and len(rows) > max_rows:
+            rows = sorted(rows, key=lambda r: r.sqnr_db if r.sqnr_db is not None else math.inf)[:max_rows]
+        header = ("layer", "type", "shape", "dense", "fp8", "SQNR dB", "rel err")
+        cells = [
+            (
+                row.name,
+                row.layer_type,
+                "x".join(map(str, row.shape)),
+                _size(row.dense_bytes),
+                _size(row.fp8_bytes),
+                _number(row.sqnr_db, ".1f"),
+                _number(row.relative_error, ".2e"),
+            )
+            for row in rows
+        ]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*c) for c in cells]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table() + "\n\n" + "\n".join(self.summary_lines())
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in ("layer", "type", "shape", "dense", "fp8", "SQNR dB", "rel err"))
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(v))}</td>"
+                for v in (
+                    row.name,
+                    row.layer_type,
+                    "x".join(map(str, row.shape)),
+                    _size(row.dense_bytes),
+                    _size(row.fp8_bytes),
+                    _number(row.sqnr_db, ".1f"),
+                    _number(row.relative_error, ".2e"),
+                )
+            )
+            + "</tr>"
+            for row in self.layers
+        )
+        summary = "<br>".join(html.escape(line) for line in self.summary_lines())
+        return f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _number(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+@torch.no_grad()
+def _weight_error(original: torch.Tensor, restored: torch.Tensor) -> tuple[float, float]:
+    # float64 sums: squared errors of millions of elements would lose digits in float32
+    reference = original.double()
+    noise = (restored.double() - reference).square().sum().item()
+    signal = reference.square().sum().item()
+    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    relative = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
+    return sqnr, relative
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model output (``sample``, ``last_hidden_state``, ``logits``, or the first one)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("sample", "last_hidden_state", "logits", "latent", "latent_dist"):
+        value = getattr(output, key, None) if not isinstance(output, Mapping) else output.get(key)
+        if value is not None:
+            return value.mode() if hasattr(value, "mode") and not isinstance(value, torch.Tensor) else _first_tensor(value)
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for value in output:
+            if isinstance(value, torch.Tensor):
+                return value
+    raise TypeError(f"cannot find a tensor in the model output of type {type(output).__name__}; pass run= returning one")
+
+
+@torch.no_grad()
+def _compare(actual: torch.Tensor, expected: torch.Tensor) -> OutputReport:
+    a, e = actual.double().flatten(), expected.double().flatten()
+    relative = ((a - e).norm() / e.norm()).item() if e.norm() > 0 else float((a - e).norm())
+    cosine = torch.nn.functional.cosine_similarity(a, e, dim=0).item()
+    max_abs = (a - e).abs().max().item() if a.numel() else 0.0
+    psnr = None
+    if expected.dim() >= 4:  # images (B, C, H, W) and videos (B, C, T, H, W)
+        peak = (e.max() - e.min()).item()
+        mse = (a - e).square().mean().item()
+        psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse) if peak > 0 else None
+    return OutputReport(relative, cosine, max_abs, psnr)
+
+
+@torch.no_grad()
+def _fingerprint(model: nn.Module) -> list[tuple[Any, ...]]:
+    """Identity, metadata and a position-weighted checksum of every parameter's and buffer's bits."""
+    prints = []
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        bits = tensor.detach().contiguous().flatten()
+        if bits.numel():
+            width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]
+            # integer sums over the raw bits: any flipped bit changes them; weights make order count too
+            as_int = bits.view(width).long()
+            weights = torch.arange(as_int.numel(), device=as_int.device) % 65521 + 1
+            checksum = (int(as_int.sum()), int((as_int * weights).sum()))
+        else:
+            checksum = (0, 0)
+        prints.append((name, id(tensor), tensor.dtype, tensor.device, tuple(tensor.shape), tensor.stride(), checksum))
+    return prints
+
+
+def report(
+    model: nn.Module | FP8Store,
+    inputs: Any = None,
+    *,
+    run: Callable[[nn.Module], Any] | None = None,
+    store: FP8Store | None = None,
+    storage_dtype: torch.dtype = torch.float8_e4m3fn,
+    granularity: str = "tensor",
+    block_size: int = 128,
+    layers: Any = DEFAULT_LAYERS,
+    exclude: Exclude = None,
+    originals: str = "cpu",
+    progress_bar: bool | None = None,
+) -> Report:
+    """Measure what FP8 storage does to ``model``: per-layer bytes and weight error, output error, restore.
+
+    Args:
+        model: the model, or an :class:`FP8Store` alone (then only sizes are reported).
+        inputs: optional inputs: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
+            With inputs (or ``run``), the model runs unquantized and inside :func:`fp8_weights`, and the
+            outputs are compared.
+        run: instead of ``inputs``, a function ``run(model) -> output`` (e.g. ``lambda vae: vae.decode(z)``).
+        store: a store to report on instead of quantizing with the options below.
+        storage_dtype, granularity, block_size, layers, exclude: as in :func:`fp8_weights`.
+        originals: as in :func:`fp8_weights`, for the run with FP8 weights.
+        progress_bar: tqdm while quantizing; default only for many layers.
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        FP8Error: bad options (see :func:`fp8_weights`).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        >>> result = fp8ctx.report(model, torch.randn(4, 64), granularity="channel")
+        >>> result.fp8_bytes < result.dense_bytes, result.restored_exactly
+        (True, True)
+    """
+    if isinstance(model, FP8Store):
+        rows = tuple(
+            LayerReport(name, "?", tuple(entry.shape), entry.numel() * entry.element_size(), entry.nbytes, None, None)
+            for name, entry in model.items()
+        )
+        return Report("FP8Store", model.config, rows, None, None)
+    if store is None:
+        store = FP8Store.from_module(
+            model,
+            storage_dtype=storage_dtype,
+            granularity=granularity,
+            block_size=block_size,
+            layers=layers,
+            exclude=exclude,
+            progress_bar=progress_bar,
+        )
+    layer_types = {t.name: type(model.get_submodule(t.layer)).__name__ for t in find_targets(model, layers, exclude)}
+    params = dict(model.named_parameters())
+    rows = []
+    for name, entry in store.items():
+        original = params[name]
+        sqnr, relative = _weight_error(original, entry.dequantize())
+        rows.append(
+            LayerReport(
+                name,
+                layer_types.get(name, type(model.get_submodule(name.rpartition(".")[0])).__name__),
+                tuple(original.shape),
+                original.numel() * original.element_size(),
+                entry.nbytes,
+                sqnr,
+                relative,
+            )
+        )
+    output = restored = None
+    if inputs is not None or run is not None:
+        call = run or _caller(inputs)
+        before = _fingerprint(model)
+        with torch.no_grad():
+            expected = _first_tensor(call(model)).detach().clone()
+            with fp8_weights(model, store=store, originals=originals):
+                actual = _first_tensor(call(model)).detach().clone()
+        restored = _fingerprint(model) == before
+        output = _compare(actual, expected)
+        logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
+    return Report(type(model).__name__, store.config, tuple(rows), output, restored)
+
+
+def _caller(inputs: Any) -> Callable[[nn.Module], Any]:
+    if isinstance(inputs, Mapping):
+        return lambda model: model(**inputs)
+    if isinstance(inputs, tuple):
+        return lambda model: model(*inputs)
+    return lambda model: model(inputs)

@@ -1,0 +1,1 @@
+"""Integrations with diffusers and transformers (optional dependencies, imported lazily)."""
