@@ -86,7 +86,7 @@ def _with_dense_weight(func: Callable[..., Any], input: Any, weight: FP8Tensor, 
 def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
     if not isinstance(weight, FP8Tensor) or isinstance(input, FP8Tensor) or isinstance(bias, FP8Tensor):
         return _passthrough(F.linear, (input, weight, bias), {})
-    if _records_grad(input, bias):
+    if _records_grad(input, bias) or weight.value_dtype != weight.dtype:
         return _with_dense_weight(F.linear, input, weight, bias)
     layout = weight.fp8_layout
     return kernels.linear(input, weight.qdata, weight.scale, weight.dtype, layout.granularity, layout.block_size, bias)
@@ -123,6 +123,20 @@ def _embedding(
             f"embedding {weight.param_name!r} has max_norm={max_norm}, which renormalizes the table in place; an "
             "FP8-held table is read-only. Leave this layer out with exclude=."
         )
+    if weight.value_dtype != weight.dtype:
+        return F.embedding(input, weight.dequantize())
     layout = weight.fp8_layout
     # padding_idx and scale_grad_by_freq only shape the weight's gradient, which FP8 weights never get
     return kernels.embedding(input, weight.qdata, weight.scale, weight.dtype, layout.granularity, layout.block_size)
+
+
+
+# NumPy arrays and Python lists cannot hold an FP8Tensor lazily: they get the dense values
+@implements(torch.Tensor.numpy)
+def _numpy(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return self.dequantize().numpy(*args, **kwargs)
+
+
+@implements(torch.Tensor.tolist)
+def _tolist(self: Any) -> Any:
+    return self.dequantize().tolist()

@@ -130,9 +130,17 @@ def find_targets(module: nn.Module, layers: Any = DEFAULT_LAYERS, exclude: Exclu
                 "Enter one fp8_weights() per module, on the outermost module you need."
             )
         if weight.is_meta:
+            offloaded = any(hasattr(m, "_hf_hook") for m in module.modules())
             raise FP8Error(
                 f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no values "
-                "to quantize); load the weights first, e.g. with from_pretrained(...) or load_state_dict(..., assign=True)"
+                "to quantize). "
+                + (
+                    "The model is offloaded by accelerate (cpu_offload / enable_sequential_cpu_offload / a device_map "
+                    "with offload), which swaps dense weights in at every forward; fp8ctx cannot hold those as FP8. "
+                    "Load the model onto its devices, or use enable_model_cpu_offload(), which fp8ctx supports."
+                    if offloaded
+                    else "Load the weights first, e.g. with from_pretrained(...) or load_state_dict(..., assign=True)."
+                )
             )
         if weight.dtype not in _FLOAT_DTYPES:
             logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)

@@ -43,6 +43,18 @@ def _placeholder(param: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), float("nan"), dtype=param.dtype, device=param.device).expand(param.shape)
 
 
+def _follow_conversion(original: torch.Tensor | None, current: torch.Tensor) -> None:
+    """Apply to ``original`` a ``module.to(device / dtype)`` that happened to its stand-in inside the block.
+
+    The stand-in's FP8 codes moved (see ``FP8Tensor``); the original Parameter, same object, gets the
+    same move, so after the block the model is where the user put it, with the original values.
+    """
+    if original is None or (original.device == current.device and original.dtype == current.dtype):
+        return
+    with torch.no_grad():
+        original.data = original.data.to(device=current.device, dtype=current.dtype)
+
+
 class Journal:
     """Records reversible changes to modules and Parameters; :meth:`undo` reverts them in reverse order.
 
@@ -66,6 +78,15 @@ class Journal:
         original = module._parameters[attribute]
 
         def put_back() -> None:
+            current = module._parameters[attribute]
+            if current is tensor:
+                _follow_conversion(original, current)
+            else:
+                logger.warning(
+                    "fp8ctx: %s.%s was reassigned inside the block; the original Parameter is put back",
+                    type(module).__name__,
+                    attribute,
+                )
             module._parameters[attribute] = original
 
         self._undo.append(put_back)

@@ -58,6 +58,9 @@ class FP8Tensor(torch.Tensor):
         layout: granularity, block size and channel axis the scales refer to.
         dtype: the original (compute) dtype; :meth:`dequantize` returns it.
         name: the parameter name, used in error messages.
+        value_dtype: the dtype values are rounded to when dequantized (default ``dtype``). It differs from
+            ``dtype`` only after a conversion such as ``module.float()`` inside the block, which then gives
+            exactly what converting the dequantized ``value_dtype`` weight would give.
 
     Example:
         >>> store = fp8ctx.FP8Store.from_module(torch.nn.Linear(16, 8))
@@ -70,22 +73,36 @@ class FP8Tensor(torch.Tensor):
     _scale: torch.Tensor
     fp8_layout: FP8Layout
     param_name: str
+    value_dtype: torch.dtype
 
     @staticmethod
     def __new__(
-        cls, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, name: str = ""
+        cls,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        layout: FP8Layout,
+        dtype: torch.dtype,
+        name: str = "",
+        value_dtype: torch.dtype | None = None,
     ) -> FP8Tensor:
         return torch.Tensor._make_wrapper_subclass(
             cls, data.shape, strides=data.stride(), dtype=dtype, device=data.device, requires_grad=False
         )
 
     def __init__(
-        self, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, name: str = ""
+        self,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        layout: FP8Layout,
+        dtype: torch.dtype,
+        name: str = "",
+        value_dtype: torch.dtype | None = None,
     ) -> None:
         self._data = data
         self._scale = scale
         self.fp8_layout = layout
         self.param_name = name
+        self.value_dtype = value_dtype or dtype
 
     # -- what users read -------------------------------------------------------------------------------
 
@@ -109,16 +126,20 @@ class FP8Tensor(torch.Tensor):
         return self._data.numel() * self._data.element_size() + self._scale.numel() * self._scale.element_size()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
-        """A dense copy in ``dtype`` (default: the original dtype)."""
+        """A dense copy in ``dtype`` (default: the original dtype): the values every layer computes with."""
         layout = self.fp8_layout
-        return kernels.dequantize(
-            self._data, self._scale, dtype or self.dtype, layout.granularity, layout.block_size, layout.channel_axis
+        dense = kernels.dequantize(
+            self._data, self._scale, self.value_dtype, layout.granularity, layout.block_size, layout.channel_axis
         )
+        wanted = dtype or self.dtype
+        return dense if wanted == self.value_dtype else dense.to(wanted)
 
     def to_device(self, device: torch.device | str) -> FP8Tensor:
         """The same FP8 weight with data and scales on ``device`` (no dequantization)."""
         return _as_parameter(
-            FP8Tensor(self._data.to(device), self._scale.to(device), self.fp8_layout, self.dtype, self.param_name)
+            FP8Tensor(
+                self._data.to(device), self._scale.to(device), self.fp8_layout, self.dtype, self.param_name, self.value_dtype
+            )
         )
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
@@ -130,18 +151,17 @@ class FP8Tensor(torch.Tensor):
     # -- torch.compile support: the two inner tensors are the real state ------------------------------
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
-        return ["_data", "_scale"], (self.fp8_layout, self.dtype, self.param_name)
+        return ["_data", "_scale"], (self.fp8_layout, self.dtype, self.param_name, self.value_dtype)
 
     @staticmethod
     def __tensor_unflatten__(
         inner: dict[str, torch.Tensor], context: tuple[Any, ...], outer_size: Any, outer_stride: Any
     ) -> FP8Tensor:
-        layout, dtype, name = context
-        return FP8Tensor(inner["_data"], inner["_scale"], layout, dtype, name)
+        return FP8Tensor(inner["_data"], inner["_scale"], *context)
 
     def _stable_hash_for_caching(self) -> str:
         # torch.compile's AOT cache key: the structure only; values are graph inputs, the name is cosmetic
-        return f"FP8Tensor{tuple(self.shape)}{self.dtype}{self.storage_dtype}{tuple(self._scale.shape)}{self.fp8_layout}"
+        return f"FP8Tensor{tuple(self.shape)}{self.dtype}{self.value_dtype}{self.storage_dtype}{tuple(self._scale.shape)}{self.fp8_layout}"
 
     # -- interception ----------------------------------------------------------------------------------
 
@@ -160,10 +180,32 @@ class FP8Tensor(torch.Tensor):
         kwargs = kwargs or {}
         if func in _ALIASES:
             source = args[0]
-            return FP8Tensor(source._data, source._scale, source.fp8_layout, source.dtype, source.param_name)
+            return FP8Tensor(
+                source._data, source._scale, source.fp8_layout, source.dtype, source.param_name, source.value_dtype
+            )
+        if func is _aten._to_copy.default:
+            moved = _moved(args[0], **kwargs)
+            if moved is not None:
+                return moved
         _refuse_writes(func, args, kwargs)
         args, kwargs = tree_map_only(FP8Tensor, FP8Tensor.dequantize, (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = None, **options: Any) -> FP8Tensor | None:
+    """``.to(device)`` / ``.to(float_dtype)`` keep FP8 storage: the FP8 codes move, the compute dtype changes.
+
+    That is what ``module.to(...)``, ``.cuda()``, ``.half()`` and accelerate's offload hooks need inside the
+    block: each layer's weight stays FP8 on its layer's device instead of becoming a dense copy. Conversions
+    to non-float dtypes return dense values instead (``None`` here).
+    """
+    if dtype is not None and (not dtype.is_floating_point or dtype in (torch.float8_e4m3fn, torch.float8_e5m2)):
+        return None
+    non_blocking = bool(options.get("non_blocking", False))
+    data, scale = source._data, source._scale
+    if device is not None:
+        data, scale = data.to(device, non_blocking=non_blocking), scale.to(device, non_blocking=non_blocking)
+    return FP8Tensor(data, scale, source.fp8_layout, dtype or source.dtype, source.param_name, source.value_dtype)
 
 
 def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

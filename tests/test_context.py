@@ -115,8 +115,10 @@ def test_tied_weight_stays_tied_inside_and_reads_give_dequantized_values():
     expected = reference_qdq(model.embed.weight, "channel")  # bf16, rounded once like the layer's copy
     with fp8_weights(model, granularity="channel"):
         assert model.head.weight is model.embed.weight
-        read = model.head.weight.float()  # a read outside any layer's forward
-        assert type(read) is torch.Tensor and torch.equal(read, expected.float())
+        assert torch.equal(model.head.weight, expected)  # a read outside any layer's forward
+        read = model.head.weight * 1
+        assert type(read) is torch.Tensor and torch.equal(read, expected)
+        assert torch.equal(torch.from_numpy(model.head.weight.float().numpy()), expected.float())
         assert torch.equal(model.head.weight @ torch.eye(16, dtype=torch.bfloat16), expected)  # any op
         assert torch.equal(model.embed(torch.tensor([3, 7])), expected[[3, 7]])  # gathered rows only
         assert torch.equal(model.head(torch.eye(16, dtype=torch.bfloat16)), expected.T)

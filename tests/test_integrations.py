@@ -1,0 +1,160 @@
+"""Pipelines and models that move: a full diffusers QwenImagePipeline call, `fp8_weights(pipe)`, `.to()`
+inside the block, accelerate offload and device maps (the GPU cases run where CUDA is present)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_restored, fake_quantized_copy, relative_error, snapshot
+from torch import nn
+
+import _models
+from fp8ctx import FP8Error, FP8Tensor, fp8_weights
+
+pytest.importorskip("diffusers")
+accelerate = pytest.importorskip("accelerate")
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def reference_pipeline(pipe, components=("vae", "text_encoder"), granularity="tensor"):
+    twin = copy.copy(pipe)
+    for name in components:
+        twin.register_modules(**{name: fake_quantized_copy(getattr(pipe, name), granularity)})
+    return twin
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = _models.qwen_image_pipeline()
+    _models.run_qwen_image_pipeline(pipeline)  # first call: diffusers VAEs create their feature caches
+    return pipeline
+
+
+def test_full_qwen_image_pipeline_call_inside_the_context(pipe):
+    plain = _models.run_qwen_image_pipeline(pipe)
+    expected = _models.run_qwen_image_pipeline(reference_pipeline(pipe))
+    before = {name: snapshot(getattr(pipe, name)) for name in ("vae", "text_encoder", "transformer")}
+    with fp8_weights(pipe.vae, pipe.text_encoder) as (vae_store, encoder_store):
+        assert pipe.vae.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+        assert pipe._execution_device.type == "cpu"
+        image = _models.run_qwen_image_pipeline(pipe)
+    for name, snap in before.items():
+        assert_restored(getattr(pipe, name), snap)
+    assert len(vae_store) > 0 and len(encoder_store) > 0
+    assert image.shape == plain.shape and torch.isfinite(image).all()
+    torch.testing.assert_close(image, expected, rtol=2e-2, atol=2e-2)
+    assert relative_error(image, expected) < 1e-2
+    assert relative_error(image, plain) > 1e-4, "nothing was quantized"
+
+
+def test_a_pipeline_argument_targets_vae_and_text_encoder_by_default(pipe):
+    before = snapshot(pipe.transformer)
+    with fp8_weights(pipe) as stores:
+        assert set(stores) == {"vae", "text_encoder"}
+        assert isinstance(pipe.vae.decoder.conv_in._parameters["weight"], FP8Tensor)
+        assert not any(isinstance(p, FP8Tensor) for p in pipe.transformer.parameters())
+        _models.run_qwen_image_pipeline(pipe)
+    assert_restored(pipe.transformer, before)
+    with fp8_weights(pipe, components=["transformer"]) as stores:
+        assert set(stores) == {"transformer"}
+        image = _models.run_qwen_image_pipeline(pipe)
+    expected = _models.run_qwen_image_pipeline(reference_pipeline(pipe, ["transformer"]))
+    torch.testing.assert_close(image, expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(FP8Error, match="unet"):
+        fp8_weights(pipe, components=["unet"])
+
+
+def test_vae_tiling_inside_the_pipeline_context(pipe):
+    vae = _models.enable_small_tiling(copy.deepcopy(pipe.vae))
+    image, _ = _models.qwen_image_vae_inputs(vae, size=48)
+    reference = fake_quantized_copy(vae, "channel")
+    with torch.no_grad():
+        expected = reference.decode(reference.encode(image).latent_dist.mode()).sample
+        with fp8_weights(vae, granularity="channel"):
+            out = vae.decode(vae.encode(image).latent_dist.mode()).sample
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("target", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_module_to_dtype_inside_keeps_fp8_and_converts_the_originals_on_exit(target):
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(torch.bfloat16)
+    originals = {name: p.detach().clone() for name, p in model.named_parameters()}
+    objects = {name: p for name, p in model.named_parameters()}
+    x = torch.randn(3, 8)
+    with fp8_weights(model, granularity="channel") as store:
+        expected = model(x.to(torch.bfloat16)).to(target)
+        model.to(target)
+        held = model[0]._parameters["weight"]
+        assert isinstance(held, FP8Tensor) and held.qdata.dtype == torch.float8_e4m3fn and held.dtype == target
+        out = model(x.to(target))
+        dense = store["0.weight"].dequantize()
+    assert dense.dtype == target
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    for name, p in model.named_parameters():
+        assert p is objects[name] and p.dtype == target
+        assert torch.equal(p, originals[name].to(target))  # what module.to() does to the original values
+
+
+def test_accelerate_offloaded_model_is_refused_clearly():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    before = snapshot(model)
+    with pytest.raises(FP8Error, match="accelerate"):
+        with fp8_weights(model):
+            pass
+    assert_restored(model, before)
+
+
+@cuda
+def test_to_cuda_and_back_inside_moves_fp8_not_dense_copies():
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)]).to(torch.bfloat16)
+    objects = [p for p in model.parameters()]
+    originals = [p.detach().clone() for p in objects]
+    x = torch.randn(2, 512, dtype=torch.bfloat16)
+    with fp8_weights(model) as store:
+        expected = model(x)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        model.to("cuda")
+        on_gpu = torch.cuda.memory_allocated() - base
+        assert store["0.weight"].qdata.is_cuda
+        out = model(x.cuda())
+        dense_bytes = sum(p.numel() * 2 for p in objects if p.dim() == 2)
+        assert on_gpu < dense_bytes * 0.6  # FP8 codes + biases, no bf16 copies
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-2, atol=2e-2)
+    for p, original in zip(model.parameters(), originals):
+        assert p.is_cuda and torch.equal(p.cpu(), original)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in objects]
+
+
+@cuda
+def test_diffusers_model_cpu_offload_pipeline():
+    pipe = _models.qwen_image_pipeline()
+    plain = _models.run_qwen_image_pipeline(pipe)
+    pipe.enable_model_cpu_offload()
+    expected = _models.run_qwen_image_pipeline(reference_pipeline(pipe))
+    with fp8_weights(pipe):
+        image = _models.run_qwen_image_pipeline(pipe)
+    torch.testing.assert_close(image.cpu().float(), expected.cpu().float(), rtol=2e-2, atol=2e-2)
+    assert relative_error(image, plain.to(image.device)) > 1e-4
+    again = _models.run_qwen_image_pipeline(pipe)
+    torch.testing.assert_close(again.cpu(), plain.cpu(), rtol=1e-2, atol=1e-2)
+
+
+@cuda
+def test_accelerate_device_map_across_cpu_and_gpu():
+    from accelerate import dispatch_model
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(torch.bfloat16)
+    reference = fake_quantized_copy(model, "channel")
+    model = dispatch_model(model, device_map={"0": 0, "1": 0, "2": "cpu", "3": "cpu", "4": 0})
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    before = snapshot(model)
+    with fp8_weights(model, granularity="channel") as store:
+        assert store["0.weight"].qdata.is_cuda and not store["2.weight"].qdata.is_cuda
+        out = model(x.cuda())
+    assert_restored(model, before)
+    torch.testing.assert_close(out.cpu(), reference(x), rtol=2e-2, atol=2e-2)
