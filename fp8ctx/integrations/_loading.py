@@ -87,10 +87,13 @@ def _load_diffusers_model(path: Path, class_name: str, device: torch.device, dty
     return Subject(f"{class_name} ({path})", model, run)
 
 
-def _load_transformers_model(path: Path, device: torch.device, dtype: torch.dtype) -> Subject:
+def _load_transformers_model(
+    path: Path, device: torch.device, dtype: torch.dtype, class_name: str | None = None
+) -> Subject:
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    cls = _library_class("transformers", class_name) if class_name else AutoModel
+    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = None
     if any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -123,7 +126,7 @@ def load_subjects(
             if library == "diffusers":
                 subjects.append(_load_diffusers_model(path / name, class_name, device, dtype))
             else:
-                subjects.append(_load_transformers_model(path / name, device, dtype))
+                subjects.append(_load_transformers_model(path / name, device, dtype, class_name))
             if library == "transformers" and (path / "tokenizer").is_dir():
                 from transformers import AutoTokenizer
 

@@ -49,6 +49,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton is optional: the core falls back to torch when it is absent.
     import triton
@@ -127,11 +128,22 @@ def is_supported(x: torch.Tensor, qdata: Optional[torch.Tensor] = None) -> bool:
     return _capability(index) >= (8, 9)
 
 
-def _use_asm(device: torch.device) -> bool:
-    # mul.rn.bf16x2 needs sm_90; the interpreter cannot run PTX.
-    if _NO_ASM or _INTERPRET:
+def _sm90(device: torch.device) -> bool:
+    if device.type != "cuda":
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def _use_asm(device: torch.device) -> bool:
+    # mul.rn.bf16x2 needs sm_90; the interpreter cannot run PTX.
+    return not (_NO_ASM or _INTERPRET) and _sm90(device)
+
+
+def _asm_flag(device: torch.device, want: Optional[bool]) -> bool:
+    """Default (None) follows the environment; True/False force it where legal."""
+    if want is None:
+        return _use_asm(device)
+    return bool(want) and not _INTERPRET and _sm90(device)
 
 
 def _require_triton():
@@ -150,7 +162,8 @@ if HAS_TRITON:
         # sign, shift exponent|mantissa right by 4 into bf16 position, restore the
         # sign, then multiply by 2^120 (bf16 0x7B80) to re-bias the exponent
         # (7 -> 127).  e4m3 subnormals become bf16 subnormals, which the
-        # multiply handles exactly.  The NaN codes 0x7F/0xFF decode to +-480.
+        # multiply handles exactly.  The NaN codes 0x7F/0xFF decode to +-480
+        # (quantizers never emit NaN; dequantize() keeps NaN exact).
         return tl.inline_asm_elementwise(
             asm="""
             {
@@ -202,7 +215,8 @@ if HAS_TRITON:
             w = _e5m2_to_f16_asm(q)
         else:
             # Stock paths: e4m3->f16 is one packed cvt; e5m2->bf16 already uses
-            # a bit trick inside Triton.
+            # a bit trick inside Triton (it maps +-inf to +-65536; quantizers
+            # never emit inf, and dequantize() keeps inf exact).
             if FMT_E5M2:
                 f = q.to(tl.float8e5, bitcast=True)
             else:
@@ -436,6 +450,8 @@ class KernelConfig(NamedTuple):
     stages: int
     split: bool = True  # allow split-K when the tile grid underfills the GPU
     group_m: int = 8
+    asm: Optional[bool] = None  # inline-PTX fp8 decode; None = on where supported
+    method: str = "fused"  # "fused" kernel, or "dequant": dequantize() + cuBLAS
 
 
 # Configs keyed on T buckets (upper bound inclusive).  Chosen by the on-device
@@ -566,6 +582,12 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     B = int(block_size)
     scale = _check_scale(scale, gran, N, K, B, x.device)
     cfg = config if config is not None else _pick_config(M)
+    if cfg.method == "dequant":
+        # Compute-bound T: one pass of the dequantize kernel (~90% of HBM
+        # bandwidth) then cuBLAS, which beats the fused kernel there.
+        wd = dequantize(qdata, scale, granularity, B, x.dtype)
+        b = bias.to(x.dtype) if bias is not None else None
+        return F.linear(x2, wd, b).reshape(*lead, N)
     BK = cfg.BK
     if gran == 2:
         # A K tile must lie inside one scale block: BK | B.
@@ -591,7 +613,7 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         BSCALE_ACC=(gran == 2 and cfg.BM <= 64),
         HAS_BIAS=bias is not None,
         FMT_E5M2=qdata.dtype == torch.float8_e5m2,
-        USE_ASM=_use_asm(x.device) if _asm is None else (_asm and not _INTERPRET),
+        USE_ASM=_asm_flag(x.device, cfg.asm if _asm is None else _asm),
         SWAP=cfg.swap, SPLIT=split_k > 1, INTERP=_INTERPRET,
         BM=cfg.BM, BN=cfg.BN, BK=BK, GROUP_M=cfg.group_m,
         num_warps=cfg.warps, num_stages=cfg.stages,

