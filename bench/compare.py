@@ -1,0 +1,803 @@
+#!/usr/bin/env python3
+"""Compare fp8ctx with the alternatives (bf16, diffusers layerwise casting, torchao float8
+weight-only, the seed's hook approach) on real layer shapes with random weights.
+
+    python3 bench/compare.py                          # full run on one CUDA GPU (< 10 min on H100)
+    python3 bench/compare.py --quick                  # shrunk: 2 text layers, VAE 256x256
+    python3 bench/compare.py --device cpu --tiny      # toy shapes on a CPU, proves the script
+    python3 bench/compare.py --workloads text,linear --methods 'bf16,fp8ctx*'
+    python3 bench/compare.py --list                   # workloads and methods
+
+Figures per (workload, method): resident weight bytes after setup, transient peak during
+forward, median latency (CUDA events), output relative L2 error vs bf16, model.dtype, whether the
+model is bit-exact after teardown, and for the text tower the fp8ctx enter/exit times.
+Nothing is downloaded: all models are built from configs with random weights.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+_T_START = time.perf_counter()  # --budget-s counts from here (imports included)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(HERE), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import _methods as M  # noqa: E402
+import _workloads as W  # noqa: E402
+
+MiB = 1024 * 1024
+DTYPE_SHORT = {
+    "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
+    "torch.float8_e4m3fn": "f8e4m3", "torch.float8_e5m2": "f8e5m2",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+
+class Dev:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def alloc(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+
+    def cleanup(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def time_loop(self, fn, iters: int) -> list[float]:
+        """Per-iteration milliseconds: CUDA events on a GPU, perf_counter on a CPU."""
+        if self.cuda:
+            evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                   for _ in range(iters)]
+            for s, e in evs:
+                s.record()
+                fn()
+                e.record()
+            torch.cuda.synchronize(self.device)
+            return [s.elapsed_time(e) for s, e in evs]
+        out = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+
+def _sub(a, b):
+    return None if a is None or b is None else a - b
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshot / bit-exactness
+# ---------------------------------------------------------------------------------------------
+
+def _named_tensors(model: torch.nn.Module):
+    for n, p in model.named_parameters():
+        yield "param:" + n, p
+    for n, b in model.named_buffers():
+        yield "buffer:" + n, b
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """CPU copies of every parameter and buffer (plus object ids), taken before setup."""
+    return {n: (id(t), t.detach().to("cpu", copy=True)) for n, t in _named_tensors(model)}
+
+
+def _bitwise_equal(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    d = t.detach()
+    if type(d) is not torch.Tensor:  # tensor subclass (e.g. torchao Float8Tensor)
+        return False
+    if d.dtype != ref.dtype or d.shape != ref.shape:
+        return False
+    a = d.contiguous().reshape(-1).view(torch.uint8)
+    b = ref.to(d.device).contiguous().reshape(-1).view(torch.uint8)
+    return bool(torch.equal(a, b))
+
+
+def compare_snapshot(model: torch.nn.Module, snap: dict) -> tuple[bool, str, bool]:
+    """(bit exact, detail, same tensor objects)."""
+    cur = dict(_named_tensors(model))
+    missing = [n for n in snap if n not in cur]
+    extra = [n for n in cur if n not in snap]
+    differ, dtype_changed, replaced = [], 0, 0
+    for name, (oid, ref) in snap.items():
+        t = cur.get(name)
+        if t is None:
+            continue
+        if id(t) != oid:
+            replaced += 1
+        if not _bitwise_equal(t, ref):
+            differ.append(name)
+            if type(t.detach()) is not torch.Tensor or t.dtype != ref.dtype:
+                dtype_changed += 1
+    exact = not (missing or extra or differ)
+    parts = []
+    if differ:
+        parts.append(f"{len(differ)}/{len(snap)} tensors differ")
+    if dtype_changed:
+        parts.append(f"{dtype_changed} changed dtype/type")
+    if missing:
+        parts.append(f"{len(missing)} missing")
+    if extra:
+        parts.append(f"{len(extra)} extra ({extra[0].split(':', 1)[1]}...)")
+    if replaced:
+        parts.append(f"{replaced} objects replaced")
+    if exact and not replaced:
+        parts.append(f"all {len(snap)} tensors equal, same objects")
+    elif exact:
+        parts.append(f"all {len(snap)} tensors equal")
+    return exact, "; ".join(parts), (not missing and replaced == 0)
+
+
+def model_dtype(model: torch.nn.Module) -> str | None:
+    try:
+        d = getattr(model, "dtype", None)
+        if isinstance(d, torch.dtype):
+            return str(d)
+    except Exception:
+        pass
+    for p in model.parameters():
+        return str(p.dtype)
+    return None
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for _, t in _named_tensors(model):
+        try:
+            st = t.untyped_storage()
+            key = (st.data_ptr(), st.device)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += st.nbytes()
+        except Exception:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def _short_err(e: BaseException, limit: int = 300) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    s = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return s[:limit]
+
+
+def measure_case(dev: Dev, wl, case, model, inp, ref: dict, is_ref: bool) -> dict:
+    def fwd():
+        return case.forward(model, inp)
+
+    for _ in range(wl.warmup):
+        fwd()
+    dev.sync()
+    dev.reset_peak()
+    before = dev.alloc()
+    out = fwd()
+    dev.sync()
+    peak = _sub(dev.peak(), before)
+    out_c = out.detach().float().cpu()
+    del out
+    times = dev.time_loop(fwd, wl.iters)
+    r = {
+        "latency_ms_median": statistics.median(times),
+        "latency_ms_min": min(times),
+        "latency_ms_all": [round(t, 5) for t in times],
+        "peak_transient_bytes": peak,
+        "out_rms": (out_c.pow(2).mean().sqrt().item() if out_c.numel() else None),
+        "out_finite": bool(torch.isfinite(out_c).all().item()),
+    }
+    if is_ref:
+        ref[case.name] = out_c
+        r["rel_l2_err"] = 0.0
+    elif case.name in ref:
+        r["rel_l2_err"] = rel_l2(out_c, ref[case.name])
+    else:
+        r["rel_l2_err"] = None
+    return r
+
+
+def run_one(dev: Dev, wl, method: M.Method, run_idx: int, inputs: dict, ref: dict) -> dict:
+    label = method.name if run_idx == 1 else f"{method.name} #{run_idx}"
+    res: dict = {"method": label, "base_method": method.name, "run": run_idx,
+                 "family": method.family, "status": "ok"}
+    why = method.unavailable() or method.applies(wl)
+    if why:
+        res.update(status="n/a", reason=why)
+        return res
+    info: dict = {}
+    model = snap = teardown = None
+    t_start = time.perf_counter()
+    dev.cleanup()
+    base = dev.alloc()
+    try:
+        model = wl.build(dev.device)
+        dev.sync()
+        res["model_bytes"] = _sub(dev.alloc(), base)
+        res["param_bytes"] = state_bytes(model)
+        snap = snapshot(model)
+        dev.sync()
+        t0 = time.perf_counter()
+        model, teardown = method.setup(model, wl, info)
+        dev.sync()
+        res["setup_s"] = time.perf_counter() - t0
+        res["resident_bytes"] = _sub(dev.alloc(), base)
+        res["dtype"] = model_dtype(model)
+        is_ref = method.name == "bf16" and run_idx == 1
+        cases = {}
+        for case in wl.cases:
+            try:
+                cases[case.name] = measure_case(dev, wl, case, model, inputs[case.name], ref,
+                                                is_ref)
+            except Exception as e:  # e.g. out of memory on the largest case
+                cases[case.name] = {"error": _short_err(e)}
+                res.setdefault("tracebacks", []).append(traceback.format_exc())
+                dev.cleanup()
+        res["cases"] = cases
+        dev.sync()
+        t0 = time.perf_counter()
+        td, teardown = teardown, None
+        td()
+        dev.sync()
+        res["teardown_s"] = time.perf_counter() - t0
+        res["allocated_after_teardown"] = _sub(dev.alloc(), base)
+        exact, detail, same = compare_snapshot(model, snap)
+        res.update(bit_exact=exact, exact_detail=detail, same_objects=same)
+        if wl.ctx_timing and method.ctx_timings is not None and run_idx == 1:
+            ct = {"cpu": {"enter_s": res["setup_s"], "exit_s": res["teardown_s"],
+                          "allocated_inside": res["resident_bytes"]}}
+            ct.update(method.ctx_timings(model, lambda: _sub(dev.alloc(), base)))
+            res["ctx_timings"] = ct
+            exact2, detail2, _ = compare_snapshot(model, snap)
+            res.update(bit_exact_after_ctx_timings=exact2, exact_detail_after_ctx=detail2)
+    except M.NotApplicable as e:
+        res.update(status="n/a", reason=str(e))
+    except Exception as e:
+        res.update(status="n/a", reason=_short_err(e))
+        res.setdefault("tracebacks", []).append(traceback.format_exc())
+        if teardown is not None:
+            try:
+                teardown()
+            except Exception:
+                pass
+    finally:
+        res["info"] = info
+        del model, snap, teardown
+        dev.cleanup()
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+def _fill_ratios(results: list[dict]) -> None:
+    bf = next((r for r in results if r["base_method"] == "bf16" and r["run"] == 1
+               and r["status"] == "ok"), None)
+    if bf is None:
+        return
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        if r.get("resident_bytes") is not None and bf.get("resident_bytes"):
+            r["resident_ratio"] = r["resident_bytes"] / bf["resident_bytes"]
+        for cname, c in r.get("cases", {}).items():
+            b = bf.get("cases", {}).get(cname, {})
+            if "latency_ms_median" in c and b.get("latency_ms_median"):
+                c["latency_ratio"] = c["latency_ms_median"] / b["latency_ms_median"]
+
+
+def _noise(results: list[dict]) -> dict:
+    out = {}
+    for r2 in results:
+        if r2["run"] != 2 or r2["status"] != "ok":
+            continue
+        r1 = next((r for r in results if r["base_method"] == r2["base_method"] and r["run"] == 1
+                   and r["status"] == "ok"), None)
+        if r1 is None:
+            continue
+        d = {}
+        for cname, c2 in r2.get("cases", {}).items():
+            c1 = r1.get("cases", {}).get(cname, {})
+            a, b = c1.get("latency_ms_median"), c2.get("latency_ms_median")
+            if a and b:
+                d[cname] = {"run1_ms": a, "run2_ms": b, "spread_pct": abs(a - b) / min(a, b) * 100,
+                            "err_run1": c1.get("rel_l2_err"), "err_run2": c2.get("rel_l2_err")}
+        if r1.get("resident_bytes") is not None:
+            d["_resident_equal"] = r1.get("resident_bytes") == r2.get("resident_bytes")
+        out[r2["base_method"]] = d
+    return out
+
+
+def _progress(wl, r: dict) -> str:
+    head = f"[{wl.name}] {r['method']:<22}"
+    if r["status"] != "ok":
+        return f"{head} n/a: {r.get('reason')}"
+    parts = []
+    if r.get("resident_bytes") is not None:
+        parts.append(f"W {r['resident_bytes'] / MiB:.1f} MiB")
+    for cname, c in r.get("cases", {}).items():
+        if "error" in c:
+            parts.append(f"{cname} error")
+        else:
+            e = c.get("rel_l2_err")
+            parts.append(f"{cname} {c['latency_ms_median']:.3f}ms"
+                         + (f" err {e:.2e}" if e is not None else ""))
+    parts.append(f"exact={'yes' if r.get('bit_exact') else 'no'}")
+    parts.append(f"{r.get('wall_s', 0):.1f}s")
+    return head + " " + ", ".join(parts)
+
+
+def run_workload(dev: Dev, wl, method_names: list[str], repeat: list[str],
+                 deadline: float | None = None) -> dict:
+    inputs = {c.name: c.make_inputs(dev.device) for c in wl.cases}
+    dev.sync()
+    ref: dict = {}
+    plan = [(n, 1) for n in method_names] + [(n, 2) for n in repeat if n in method_names]
+    results = []
+    for name, run_idx in plan:
+        if deadline is not None and time.perf_counter() > deadline:
+            r = {"method": name if run_idx == 1 else f"{name} #{run_idx}", "base_method": name,
+                 "run": run_idx, "family": M.REGISTRY[name].family, "status": "n/a",
+                 "reason": "skipped: --budget-s exceeded"}
+        else:
+            r = run_one(dev, wl, M.REGISTRY[name], run_idx, inputs, ref)
+        results.append(r)
+        print(_progress(wl, r), flush=True)
+    _fill_ratios(results)
+    bf = next((r for r in results if r["base_method"] == "bf16" and r["status"] == "ok"), None)
+    del inputs, ref
+    dev.cleanup()
+    return {
+        "name": wl.name, "kind": wl.kind, "description": wl.description, "status": "ok",
+        "cases": [c.name for c in wl.cases], "warmup": wl.warmup, "iters": wl.iters,
+        "info": wl.info,
+        "bf16_param_bytes": bf.get("param_bytes") if bf else None,
+        "results": results, "noise": _noise(results),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+def _version(dist: str, module: str | None = None) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        pass
+    if module:
+        try:
+            mod = __import__(module)
+            return str(getattr(mod, "__version__", "present"))
+        except Exception:
+            return None
+    return None
+
+
+def env_info(dev: Dev, args, argv: list[str], preset: str) -> dict:
+    if dev.cuda:
+        props = torch.cuda.get_device_properties(dev.device)
+        gib = props.total_memory / 2**30
+        dname = f"{props.name} ({gib:.0f} GiB, sm_{props.major}{props.minor})"
+    else:
+        dname = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return {
+        "device": dname,
+        "device_type": dev.device.type,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python3 " + shlex.join([sys.argv[0]] + argv),
+        "preset": preset,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "torchao": _version("torchao"),
+        "triton": _version("triton"),
+        "accelerate": _version("accelerate"),
+        "fp8ctx": _version("fp8ctx", "fp8ctx"),
+        "seed": args.seed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / MiB:.1f}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _ms(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else (f"{x:.2f}" if x < 100 else f"{x:.1f}")
+
+
+def _err(x) -> str:
+    return "-" if x is None else ("0" if x == 0 else f"{x:.1e}")
+
+
+def _dshort(d) -> str:
+    return "-" if d is None else DTYPE_SHORT.get(d, d.replace("torch.", ""))
+
+
+def _exact(r) -> str:
+    v = r.get("bit_exact")
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def _row_cells(r: dict, case_names: list[str]) -> list[str] | None:
+    if r["status"] != "ok":
+        return None
+    cases = r.get("cases", {})
+    lat = " ".join("err" if "error" in cases.get(c, {"error": 1}) else
+                   _ms(cases[c].get("latency_ms_median")) for c in case_names)
+    rat = " ".join(_ratio(cases.get(c, {}).get("latency_ratio")) for c in case_names)
+    peaks = [cases[c].get("peak_transient_bytes") for c in case_names
+             if c in cases and cases[c].get("peak_transient_bytes") is not None]
+    errs = [cases[c].get("rel_l2_err") for c in case_names
+            if c in cases and cases[c].get("rel_l2_err") is not None]
+    return [r["method"], _mib(r.get("resident_bytes")), _ratio(r.get("resident_ratio")),
+            _mib(max(peaks) if peaks else None), lat, rat, _err(max(errs) if errs else None),
+            _dshort(r.get("dtype")), _exact(r)]
+
+
+HEAD = ["method", "W MiB", "xbf16", "peak MiB", "latency ms", "x bf16", "rel err", "dtype",
+        "exact"]
+RIGHT = {1, 2, 3, 4, 5, 6}
+
+
+def _fmt_row(cells: list[str], widths: list[int]) -> str:
+    return " ".join(c.rjust(widths[i]) if i in RIGHT else c.ljust(widths[i])
+                    for i, c in enumerate(cells)).rstrip()
+
+
+def text_table(report: dict, width: int = 100) -> str:
+    lines = []
+    for w in report["workloads"]:
+        if w.get("status") != "ok":
+            lines.append(f"== {w['name']}: n/a: {w.get('reason')}"[:width])
+            continue
+        rows = [_row_cells(r, w["cases"]) for r in w["results"]]
+        ok_rows = [c for c in rows if c is not None]
+        widths = [max([len(HEAD[i])] + [len(c[i]) for c in ok_rows]) for i in range(len(HEAD))]
+        widths[0] = max([widths[0]] + [len(r["method"]) for r in w["results"]])
+        lines.append(f"== {w['name']} [{' '.join(w['cases'])}]: {w['description']}"[:width])
+
+        lines.append(_fmt_row(HEAD, widths))
+        for r, cells in zip(w["results"], rows, strict=True):
+            if cells is None:
+                lines.append(f"{r['method'].ljust(widths[0])} n/a: {r.get('reason')}"[:width])
+            else:
+                lines.append(_fmt_row(cells, widths))
+    lines.append("W = resident weights after setup (allocated minus before the model); peak = "
+                 "transient peak")
+    lines.append("of one forward; latency = median per case (cases in [..]); rel err = max over "
+                 "cases vs bf16;")
+    lines.append("x bf16 = ratio to bf16 (first run); exact = bit-exact after teardown; "
+                 "#2 = second run (noise)")
+    return "\n".join(lines)
+
+
+def aux_text(report: dict) -> str:
+    lines = []
+    for w in report["workloads"]:
+        if w.get("status") != "ok":
+            continue
+        for r in w["results"]:
+            ct = r.get("ctx_timings")
+            if not ct:
+                continue
+            parts = []
+            for k in ("cpu", "keep", "store"):
+                d = ct.get(k, {})
+                if "error" in d:
+                    parts.append(f"{k}: {d['error'][:60]}")
+                elif d:
+                    s = f"{k}: enter {d['enter_s']:.3f}s exit {d['exit_s']:.3f}s"
+                    if "from_module_s" in d:
+                        s += f" (from_module {d['from_module_s']:.3f}s)"
+                    parts.append(s)
+            lines.append(f"ctx timing [{w['name']}] {r['method']}: " + " | ".join(parts))
+        for meth, d in w.get("noise", {}).items():
+            sp = ", ".join(f"{c} {v['spread_pct']:.1f}%" for c, v in d.items()
+                           if not c.startswith("_"))
+            lines.append(f"noise [{w['name']}] {meth} run1 vs run2 latency spread: {sp}")
+    na = [(w["name"], r["method"], r.get("reason")) for w in report["workloads"]
+          if w.get("status") == "ok" for r in w["results"] if r["status"] != "ok"]
+    for wn, m, why in na:
+        lines.append(f"n/a [{wn}] {m}: {why}")
+    for w in report["workloads"]:
+        for r in w.get("results", []):
+            if r["status"] == "ok" and r.get("bit_exact") is False and r["family"] == "fp8ctx":
+                lines.append(f"WARNING [{w['name']}] {r['method']} not bit-exact after exit: "
+                             f"{r.get('exact_detail')}")
+    return "\n".join(lines)
+
+
+def _md_escape(s) -> str:
+    return str(s).replace("|", "\\|")
+
+
+def markdown(report: dict) -> str:
+    e = report["env"]
+    out = ["# fp8ctx benchmark: fp8ctx vs alternatives", ""]
+    out += ["| | |", "|---|---|"]
+    for k in ("device", "date", "command", "preset", "python", "torch", "cuda", "triton",
+              "diffusers", "transformers", "torchao", "accelerate", "fp8ctx"):
+        out.append(f"| {k} | `{_md_escape(e.get(k))}` |")
+    out.append(f"| total wall time | {report.get('wall_s', 0):.0f} s |")
+    out += ["", "## Summary", "",
+            "W = resident weight bytes after setup (memory_allocated after setup minus before the "
+            "model existed); peak = transient peak during one forward (max over cases); latency = "
+            "median over timed iterations (CUDA events) per case; rel err = relative L2 error of "
+            "the output vs the bf16 output (max over cases); dtype = what `model.dtype` (or the "
+            "first parameter) reports; exact = every parameter and buffer bit-identical to a "
+            "snapshot taken before setup, after teardown.", ""]
+    for w in report["workloads"]:
+        out.append(f"### {w['name']}")
+        out.append("")
+        if w.get("status") != "ok":
+            out += [f"n/a: {_md_escape(w.get('reason'))}", ""]
+            continue
+        out.append(f"{_md_escape(w['description'])}. Cases: {', '.join(w['cases'])}; "
+                   f"{w['warmup']} warm-up + {w['iters']} timed iterations.")
+        out.append("")
+        out.append("| " + " | ".join(HEAD) + " |")
+        out.append("|" + "|".join("---:" if i in RIGHT else "---" for i in range(len(HEAD))) + "|")
+        for r in w["results"]:
+            cells = _row_cells(r, w["cases"])
+            if cells is None:
+                cells = [r["method"], f"n/a: {r.get('reason')}"] + [""] * (len(HEAD) - 2)
+            out.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+        out.append("")
+    out += ["## Per case", "",
+            "| workload | case | method | latency ms | x bf16 | min ms | peak MiB | rel err |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
+    for w in report["workloads"]:
+        for r in w.get("results", []):
+            if r["status"] != "ok":
+                continue
+            for cname, c in r.get("cases", {}).items():
+                if "error" in c:
+                    out.append(f"| {w['name']} | {cname} | {r['method']} | "
+                               f"{_md_escape(c['error'])} | | | | |")
+                    continue
+                out.append(f"| {w['name']} | {cname} | {r['method']} | "
+                           f"{_ms(c.get('latency_ms_median'))} | "
+                           f"{_ratio(c.get('latency_ratio'))} | "
+                           f"{_ms(c.get('latency_ms_min'))} | "
+                           f"{_mib(c.get('peak_transient_bytes'))} | {_err(c.get('rel_l2_err'))} |")
+    out += ["", "## Setup, teardown, bit-exactness", "",
+            "| workload | method | setup s | teardown s | exact | detail |",
+            "|---|---|---:|---:|---|---|"]
+    for w in report["workloads"]:
+        for r in w.get("results", []):
+            if r["status"] != "ok":
+                continue
+            st, tt = r.get("setup_s"), r.get("teardown_s")
+            out.append(f"| {w['name']} | {r['method']} | {'-' if st is None else f'{st:.3f}'} | "
+                       f"{'-' if tt is None else f'{tt:.3f}'} | {_exact(r)} | "
+                       f"{_md_escape(r.get('exact_detail', ''))} |")
+    ctx_rows = []
+    for w in report["workloads"]:
+        for r in w.get("results", []):
+            ct = r.get("ctx_timings")
+            if not ct:
+                continue
+            for k in ("cpu", "keep", "store"):
+                d = ct.get(k, {})
+                if "error" in d:
+                    ctx_rows.append(f"| {w['name']} | {r['method']} | {k} | "
+                                    f"{_md_escape(d['error'])} | | | |")
+                elif d:
+                    fm = d.get("from_module_s")
+                    ctx_rows.append(
+                        f"| {w['name']} | {r['method']} | {k} | {d['enter_s']:.3f} | "
+                        f"{d['exit_s']:.3f} | {'-' if fm is None else f'{fm:.3f}'} | "
+                        f"{_mib(d.get('allocated_inside'))} |")
+    if ctx_rows:
+        out += ["", "## fp8ctx context enter/exit (text tower)", "",
+                "originals=cpu is the main run; keep = originals stay on the GPU; store = "
+                "`FP8Store.from_module` once, then `fp8_weights(model, store=store)`.", "",
+                "| workload | method | mode | enter s | exit s | from_module s | "
+                "allocated inside MiB |", "|---|---|---|---:|---:|---:|---:|"] + ctx_rows
+    noise_rows = []
+    for w in report["workloads"]:
+        for meth, d in w.get("noise", {}).items():
+            for c, v in d.items():
+                if c.startswith("_"):
+                    continue
+                noise_rows.append(f"| {w['name']} | {meth} | {c} | {_ms(v['run1_ms'])} | "
+                                  f"{_ms(v['run2_ms'])} | {v['spread_pct']:.1f}% |")
+    if noise_rows:
+        out += ["", "## Noise (same method run twice)", "",
+                "| workload | method | case | run 1 ms | run 2 ms | spread |",
+                "|---|---|---|---:|---:|---:|"] + noise_rows
+    na = [(w["name"], r["method"], r.get("reason")) for w in report["workloads"]
+          for r in w.get("results", []) if r["status"] != "ok"]
+    if na:
+        out += ["", "## Not applicable", ""]
+        out += [f"- {wn} / {m}: {_md_escape(why)}" for wn, m, why in na]
+    out.append("")
+    return "\n".join(out)
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, (str, int, float, bool)) or o is None:
+        return o
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda (default when available), cuda:N or cpu")
+    p.add_argument("--tiny", action="store_true", help="toy shapes (for --device cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="shrunk run: 2 text layers, VAE 256x256, fewer repeats")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma list of {W.WORKLOAD_NAMES}, groups {sorted(W.GROUPS)} or globs")
+    p.add_argument("--methods", default=None,
+                   help="comma list of method names or globs ('all' = every registered one); "
+                        "bf16 is always run first as the reference")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="decoder layers in the text tower (default 8; 2 with --quick/--tiny)")
+    p.add_argument("--repeat", default="bf16,fp8ctx-channel",
+                   help="methods run a second time at the end to show noise ('' = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="soft time limit in seconds: once passed, the remaining methods are "
+                        "recorded as skipped (0 = none); the JSON is rewritten after each workload")
+    p.add_argument("--out", default=str(HERE / "results.json"), help="JSON output path")
+    p.add_argument("--markdown", default=None, help="also write a markdown report here")
+    p.add_argument("--list", action="store_true", help="list workloads and methods, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.list:
+        print("workloads:", ", ".join(W.WORKLOAD_NAMES), "| groups:", ", ".join(sorted(W.GROUPS)))
+        for n, m in M.REGISTRY.items():
+            print(f"  {n:<22} {'(default) ' if m.default() else '(opt-in)  '}{m.about}")
+        return 0
+    preset = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("CUDA not available; use --device cpu --tiny")
+        torch.cuda.set_device(device)
+    elif not args.tiny:
+        print("note: CPU run without --tiny uses real shapes and will be slow", file=sys.stderr)
+    else:
+        torch.set_num_threads(1)  # toy shapes: threads only add scheduling noise
+    dev = Dev(device)
+
+    for mod in ("transformers", "diffusers"):
+        try:
+            __import__(mod).logging.set_verbosity_error()
+        except Exception:
+            pass
+
+    wl_names = W.select_workloads(args.workloads)
+    method_names = M.select_methods(args.methods)
+    if "bf16" in method_names:
+        method_names.remove("bf16")
+    method_names = ["bf16"] + method_names
+    repeat = [n.strip() for n in args.repeat.split(",") if n.strip()]
+    for n in repeat:
+        if n not in M.REGISTRY:
+            raise SystemExit(f"--repeat: unknown method {n!r}")
+
+    report = {"env": env_info(dev, args, argv, preset), "methods": {
+        n: {"family": M.REGISTRY[n].family, "about": M.REGISTRY[n].about} for n in method_names},
+        "workloads": []}
+    print(f"fp8ctx benchmark on {report['env']['device']}, preset {preset}; "
+          f"workloads {wl_names}; methods {method_names}", flush=True)
+    t_all = time.perf_counter()
+    deadline = _T_START + args.budget_s if args.budget_s > 0 else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for name in wl_names:
+            try:
+                wl = W.make_workload(name, preset, args.seed, args.text_layers)
+            except Exception as e:
+                print(f"[{name}] n/a: {_short_err(e)}", flush=True)
+                report["workloads"].append({"name": name, "status": "n/a",
+                                            "reason": _short_err(e),
+                                            "traceback": traceback.format_exc()})
+                continue
+            t0 = time.perf_counter()
+            try:
+                w = run_workload(dev, wl, method_names, repeat, deadline)
+            except Exception as e:  # inputs could not be made, etc.
+                w = {"name": name, "status": "n/a", "reason": _short_err(e),
+                     "traceback": traceback.format_exc()}
+                dev.cleanup()
+            w["wall_s"] = time.perf_counter() - t0
+            report["workloads"].append(w)
+            print(f"[{name}] done in {w['wall_s']:.1f}s", flush=True)
+            report["wall_s"] = time.perf_counter() - t_all
+            out.write_text(json.dumps(_jsonable(report), indent=1))  # partial results survive
+    report["wall_s"] = time.perf_counter() - t_all
+    out.write_text(json.dumps(_jsonable(report), indent=1))
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(markdown(report))
+    aux = aux_text(report)
+    print()
+    if aux:
+        print(aux)
+        print()
+    print(f"wrote {out}" + (f" and {args.markdown}" if args.markdown else "")
+          + f"; total {report['wall_s']:.1f}s")
+    print()
+    print(text_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
