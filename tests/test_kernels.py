@@ -1,0 +1,110 @@
+"""The kernel dispatch point: the pure-torch path everywhere, the fused GPU path where it applies, and
+CUDA-graph capture of a forward inside the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_error
+from torch import nn
+
+from fp8ctx import FP8Error, FP8Store, _numerics, fp8_weights, kernels
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GRANULARITIES = ["tensor", "channel", "block"]
+
+
+def entry_for(weight: torch.Tensor, granularity: str, block_size: int = 128):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return FP8Store.from_module(layer, granularity=granularity, block_size=block_size)["weight"]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_torch_path_is_dequantize_then_linear(granularity):
+    weight = torch.randn(48, 40, dtype=torch.bfloat16)
+    entry = entry_for(weight, granularity, 16)
+    x, bias = torch.randn(5, 40, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    out = kernels.linear(x, entry.qdata, entry.scale, torch.bfloat16, granularity, 16, bias)
+    dense = _numerics.dequantize(entry.qdata, entry.scale, torch.bfloat16, granularity, 16)
+    assert torch.equal(out, F.linear(x, dense, bias))
+
+
+def test_backend_switch():
+    assert kernels.get_backend() == "auto"
+    with kernels.use_backend("torch"):
+        assert kernels.get_backend() == "torch"
+    assert kernels.get_backend() == "auto"
+    with pytest.raises(FP8Error, match="backend"):
+        with kernels.use_backend("cutlass"):
+            pass
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 16, 64, 256, 1024], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("shape", [(4608, 3584), (3584, 18944), (1000, 1000)], ids=["qkv", "down", "ragged"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fused_linear_computes_dequantize_then_matmul(granularity, shape, tokens, monkeypatch):
+    from fp8ctx.kernels import _triton
+
+    calls = []
+    real = _triton.w8a16_linear
+    monkeypatch.setattr(_triton, "w8a16_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(tokens)
+    layer = nn.Linear(shape[1], shape[0], device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+    with fp8_weights(layer, granularity=granularity, originals="keep") as store, torch.no_grad():
+        out = layer(x)
+        expected = F.linear(x, store["weight"].dequantize(), layer.bias)
+    assert calls, "the fused path did not run"
+    assert torch.isfinite(out).all()
+    assert relative_error(out, expected) <= 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fused_dequantize_is_bit_identical(granularity):
+    weight = torch.randn(300, 3, 3, 70, device="cuda", dtype=torch.bfloat16)
+    layer = nn.Conv2d(70, 300, 3, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(weight.permute(0, 3, 1, 2))
+    entry = FP8Store.from_module(layer, granularity=granularity, block_size=64)["weight"]
+    fused = entry.dequantize()
+    with kernels.use_backend("torch"):
+        reference = entry.dequantize()
+    assert torch.equal(fused, reference)
+
+
+@cuda
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cuda_graph_capture_inside_the_context(granularity):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512), nn.Unflatten(1, (8, 8, 8)), nn.Conv2d(8, 8, 3, padding=1)
+    ).to("cuda", torch.bfloat16)
+    static_x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    with fp8_weights(model, granularity=granularity), torch.no_grad():
+        for _ in range(3):  # warm up: compile kernels, allocate workspaces
+            eager = model(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        for seed in range(3):
+            static_x.copy_(torch.randn(4, 512, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+            graph.replay()
+            torch.testing.assert_close(static_out, model(static_x), rtol=0, atol=0)
+    assert eager.shape == static_out.shape
+
+
+@cuda
+def test_compile_inside_the_context_on_gpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).to("cuda", torch.bfloat16)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    with fp8_weights(model, granularity="channel"), torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert relative_error(compiled, eager) < 1e-2
