@@ -171,6 +171,7 @@ class FP8Tensor(torch.Tensor):
         handler = _FUNCTIONS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
+        _refuse_python_writes(func, args, kwargs)
         # unlike torch.Tensor's default, results are never re-wrapped as FP8Tensor
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -188,8 +189,59 @@ class FP8Tensor(torch.Tensor):
             if moved is not None:
                 return moved
         _refuse_writes(func, args, kwargs)
+        source = next(t for t in _flat(args, kwargs) if isinstance(t, FP8Tensor))
         args, kwargs = tree_map_only(FP8Tensor, FP8Tensor.dequantize, (args, kwargs))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func.is_view:
+            # a view of the temporary dense copy: writes through it would be lost, so they must raise
+            out = out.as_subclass(ReadOnlyView)
+            out.fp8_source = source.param_name
+        return out
+
+
+class ReadOnlyView(torch.Tensor):
+    """A dense view (``w.T``, ``w[0]``, ``w.view(-1)``) of an FP8-held weight: reads work, writes raise."""
+
+    fp8_source: str
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        _refuse_python_writes(func, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+# in-place Python operators; other in-place methods end in a single underscore
+_INPLACE_OPERATORS = {
+    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+    "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+}
+_HARMLESS_INPLACE = {"requires_grad_", "retain_grad", "share_memory_"}
+
+
+def _refuse_python_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise if ``func`` writes into an FP8Tensor or a view of one (seen at the ``__torch_function__`` level)."""
+    name = getattr(func, "__name__", "")
+    in_place = name in _INPLACE_OPERATORS or (
+        name.endswith("_") and not name.endswith("__") and name not in _HARMLESS_INPLACE
+    )
+    targets = [args[0]] if in_place and args else []
+    targets += [t for t in _flat((), {"out": kwargs.get("out")})]
+    for target in targets:
+        if isinstance(target, (FP8Tensor, ReadOnlyView)):
+            weight = target.param_name if isinstance(target, FP8Tensor) else target.fp8_source
+            raise FP8Error(
+                f"{name or func} would write into weight {weight!r}, which is held as FP8 inside fp8_weights(); "
+                "a write could only reach a temporary dequantized copy. Modify the weight outside the block, "
+                "or leave this layer out with exclude=."
+            )
+
+
+def _flat(args: Any, kwargs: Any) -> list[Any]:
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves((args, kwargs))
 
 
 def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = None, **options: Any) -> FP8Tensor | None:
