@@ -108,6 +108,9 @@ def compute_scale(
         >>> compute_scale(torch.ones(4, 6), torch.float8_e4m3fn, "channel").shape
         torch.Size([4])
     """
+    if weight.numel() == 0:  # nothing to scale; amax of an empty group is undefined
+        shape = scale_shape(weight.shape, granularity, block_size, channel_axis)
+        return torch.ones(shape, dtype=torch.float32, device=weight.device)
     # amax in float32: bf16/fp16 amax is exact, but the division below must not round twice
     magnitude = weight.detach().abs().float()
     if granularity == "tensor":

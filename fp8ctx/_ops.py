@@ -48,7 +48,13 @@ class _DenseView:
 def _saved_as_fp8(weight: FP8Tensor, dense: torch.Tensor) -> Iterator[None]:
     """While active, autograd saves views of ``dense`` as references to ``weight`` instead."""
     # match by storage address, and hold no reference to `dense` itself: autograd keeps these hooks alive
-    address, dtype, device = dense.untyped_storage().data_ptr(), dense.dtype, dense.device
+    try:
+        address, dtype, device = dense.untyped_storage().data_ptr(), dense.dtype, dense.device
+    except RuntimeError:
+        # a tracer's fake tensor has no storage (torch.compile before 2.12 runs handlers on them while
+        # is_compiling() is False); the compiler decides what backward saves anyway
+        yield
+        return
 
     def pack(saved: torch.Tensor) -> Any:
         if (

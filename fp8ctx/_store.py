@@ -69,7 +69,10 @@ def _check_layers(layers: Any) -> tuple[type[nn.Module], ...]:
 def _check_exclude(exclude: Exclude) -> tuple[ExcludeRule, ...]:
     if exclude is None:
         return ()
-    rules = (exclude,) if isinstance(exclude, str) or callable(exclude) else tuple(exclude)
+    try:
+        rules = (exclude,) if isinstance(exclude, str) or callable(exclude) else tuple(exclude)
+    except TypeError:
+        rules = (exclude,)
     for rule in rules:
         if not (isinstance(rule, str) or callable(rule)):
             raise FP8Error(

@@ -40,7 +40,7 @@ class Snapshot:
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_meta:  # no values to compare; identity and metadata still are
         return torch.empty(0, dtype=torch.uint8)
-    return tensor.detach().cpu().contiguous().view(torch.uint8).clone()
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
 
 
 def _global_hook_counts() -> tuple[int, ...]:

@@ -38,8 +38,9 @@ def test_matches_formula_bit_for_bit(granularity, storage, shape, axis, dtype, d
     assert scale.dtype == torch.float32
     assert scale.shape == _numerics.scale_shape(weight.shape, granularity, 16, axis)
     assert restored.dtype == dtype
-    expected = reference_qdq(weight.cpu(), granularity, 16, storage, axis)
-    assert torch.equal(restored.cpu(), expected)
+    # the formula on the same device: CPU and CUDA may round a float32 division differently in the last bit
+    expected = reference_qdq(weight, granularity, 16, storage, axis)
+    assert torch.equal(restored, expected)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -32,14 +32,22 @@ Design notes (the why; numbers live in bench/KERNEL_NOTES.md):
   exponent with one packed bf16x2 multiply by 2^120 (exact, subnormals included).
   The fallback (``FP8CTX_TRITON_NO_ASM=1`` or the Triton interpreter) uses the
   stock conversion.
-* "Swap" orientation computes ``y^T = W x^T`` so the large weight dimension N
-  is the MMA M dimension (>= 64 for wgmma) and the token count T is the MMA N
-  dimension (16 is fine): decode-sized T wastes no tensor-core rows.
-* Small T is memory-bound and has too few output tiles to fill 132 SMs, so the
-  K loop is split across CTAs.  Partials go to an fp32 workspace slice per split;
-  the last CTA of each tile (found with an atomic counter) sums the slices in a
-  fixed order (deterministic), applies scale/bias and writes the output, then
-  resets its counter to 0 so the cached counters stay zeroed for the next call.
+* Two MMA orientations (constexpr SWAP): no-swap ``y = x W^T`` with the
+  decoded weight tile as the register B operand of mma.sync (best for
+  T <= 32: least repacking per weight byte), and swap ``y^T = W x^T`` with the
+  decoded tile as the register A operand of wgmma and tokens as the MMA N
+  dimension (T = 64 .. 512).
+* Small T is memory-bound and may have too few output tiles to fill 132 SMs,
+  so the K loop can be split across CTAs.  Partials go to an fp32 workspace
+  slice per split; the last CTA of each tile (found with an atomic counter)
+  sums the slices in a fixed order (deterministic), applies scale/bias and
+  writes the output, then resets its counter to 0 so the cached counters stay
+  zeroed for the next call.
+* Compute-bound calls (large T, or mid T on small weights) go through
+  :func:`dequantize` (one pass, ~90% of HBM bandwidth) + cuBLAS: in Triton 3.6
+  the fused kernel reaches only 45-65% of cuBLAS's tensor-core rate.
+* Host cost matters for eager decode: launch plans are cached per shape and
+  repeated launches call Triton's compiled launcher directly (_FastLaunch).
 """
 
 from __future__ import annotations
@@ -454,24 +462,32 @@ class KernelConfig(NamedTuple):
     method: str = "fused"  # "fused" kernel, or "dequant": dequantize() + cuBLAS
 
 
-# Configs keyed on T buckets (upper bound inclusive).  Chosen by the on-device
-# sweep in bench/kernels_micro.py (see bench/KERNEL_NOTES.md); small-T buckets
-# rely on split-K to fill the SMs.
-_TABLE = (
-    (16, KernelConfig(16, 64, 256, True, 4, 4)),
-    (32, KernelConfig(32, 64, 256, True, 4, 4)),
-    (64, KernelConfig(64, 64, 128, True, 4, 4)),
-    (128, KernelConfig(128, 128, 64, True, 8, 4)),
-    (256, KernelConfig(128, 128, 64, True, 8, 4)),
-    (1 << 62, KernelConfig(128, 128, 64, True, 8, 4)),
-)
+# Config choice from (T, N, K); measured on an H100 (bench/KERNEL_NOTES.md,
+# run 2, graph-rotate timing).  T <= 64 is memory-bound: narrow weight tiles,
+# no swap (mma.sync with the decoded weight as the register B operand), long K
+# steps.  Above T = 64 the fused kernel's tensor-core rate (mixed-input wgmma
+# through Triton) falls to ~40-65% of cuBLAS, so compute-bound calls go through
+# dequantize() (~90% of HBM bandwidth) + cuBLAS, except mid-T calls on large
+# weights where the fused kernel still wins.
+_CFG_T16 = KernelConfig(16, 32, 512, False, 4, 3)
+_CFG_T32 = _CFG_T16  # two 16-row tiles beat 32-row tiles (run 3)
+_CFG_T64 = KernelConfig(64, 64, 128, True, 4, 4)
+_CFG_T64_SMALL_W = KernelConfig(64, 128, 128, True, 8, 4)  # fewer x re-reads when N*K is small
+_CFG_MID = KernelConfig(256, 128, 64, True, 8, 3)
+_CFG_DEQUANT = KernelConfig(0, 0, 0, False, 0, 0, method="dequant")
+_MID_FUSED_MIN_WEIGHT = 60_000_000  # N*K from which the fused kernel wins at T ~ 256
 
 
-def _pick_config(M: int) -> KernelConfig:
-    for bound, cfg in _TABLE:
-        if M <= bound:
-            return cfg
-    return _TABLE[-1][1]
+def _pick_config(M: int, N: int = 0, K: int = 0) -> KernelConfig:
+    if M <= 16:
+        return _CFG_T16
+    if M <= 32:
+        return _CFG_T32
+    if M <= 64:
+        return _CFG_T64_SMALL_W if N * K < 30_000_000 else _CFG_T64
+    if M <= 512 and N * K >= _MID_FUSED_MIN_WEIGHT:
+        return _CFG_MID
+    return _CFG_DEQUANT
 
 
 def _split_plan(tiles: int, K: int, BK: int, sms: int, allow: bool):
@@ -501,7 +517,7 @@ def _workspace(device: torch.device, ws_elems: int, n_cnt: int):
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return (torch.empty(ws_elems, dtype=torch.float32, device=device),
                 torch.zeros(n_cnt, dtype=torch.int32, device=device))
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    key = (device, _raw_stream(device.index or 0))
     ws, cnt = _WORKSPACES.get(key, (None, None))
     if ws is None or ws.numel() < ws_elems:
         ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
@@ -518,9 +534,9 @@ def _check_scale(scale: torch.Tensor, gran: int, N: int, K: int, B: int, device)
         want = (N,)
     else:
         want = (-(-N // B), -(-K // B))
-    if tuple(scale.shape) != want:
+    if scale.shape != want:
         raise ValueError(f"scale shape {tuple(scale.shape)} != expected {want}")
-    if scale.dtype != torch.float32 or scale.device != device or not scale.is_contiguous():
+    if scale.dtype is not torch.float32 or scale.device != device or not scale.is_contiguous():
         scale = scale.to(device=device, dtype=torch.float32).contiguous()
     return scale
 
@@ -535,6 +551,109 @@ def _gran_code(granularity: str) -> int:
 # --------------------------------------------------------------------------- #
 # Public launchers
 # --------------------------------------------------------------------------- #
+class _FastLaunch:
+    """Launch a @triton.jit kernel with little host overhead.
+
+    The first call for a specialisation goes through Triton's normal path
+    (compile or cache load) and keeps the returned CompiledKernel; later calls
+    with the same specialisation key call its compiled launcher directly,
+    skipping Triton's per-call argument binding and cache-key work (measured:
+    ~83 us -> see KERNEL_NOTES.md).  The key mirrors what Triton specialises
+    on: tensor dtype + 16-byte alignment, int == 1 / % 16 / 64-bit, and the
+    constexpr values.  Launch hooks (profilers) force the normal path.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.cache = {}
+        try:
+            names = list(fn.arg_names)
+            const_names = [n for n, p in zip(names, fn.params) if p.is_constexpr]
+        except AttributeError:  # interpreter, or Triton internals changed
+            self.ok, self.const_names = False, []
+            return
+        # Constexprs must trail the runtime args: launcher args are positional.
+        self.ok = not _INTERPRET and const_names == names[len(names) - len(const_names):]
+        self.const_names = const_names
+
+    @staticmethod
+    def _spec(args):
+        T = torch.Tensor
+        return tuple((a.dtype, (a.data_ptr() & 15) == 0) if isinstance(a, T)
+                     else (a == 1, (a & 15) == 0, a >= 2147483648 or a < -2147483648) if isinstance(a, int)
+                     else a for a in args)
+
+    def const_values(self, consts):
+        return tuple(consts[n] for n in self.const_names)
+
+    def __call__(self, grid, device_index, args, consts, cvals, num_warps, num_stages):
+        """cvals: const_values(consts), precomputed by the caller's plan cache."""
+        if not self.ok:
+            self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+            return
+        key = (device_index, self._spec(args), cvals, num_warps, num_stages)
+        kern = self.cache.get(key)
+        rt = triton.knobs.runtime
+        if kern is not None and _no_hook(rt.launch_enter_hook) and _no_hook(rt.launch_exit_hook):
+            stream = _raw_stream(device_index)
+            kern.run(grid[0], grid[1], grid[2], stream, kern.function, kern.packed_metadata,
+                     None, None, None, *args, *cvals)
+            return
+        kern = self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        if kern is not None and hasattr(kern, "packed_metadata"):
+            self.cache[key] = kern
+
+
+def _no_hook(h) -> bool:
+    # Triton 3.6 keeps launch hooks in an (empty) HookChain, not None.
+    return h is None or getattr(h, "calls", None) == []
+
+
+def _raw_stream(index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+if HAS_TRITON:
+    _launch_w8a16 = _FastLaunch(_w8a16_kernel)
+
+_PLANS: dict = {}
+
+
+def _plan(M: int, N: int, K: int, gran: int, B: int, cfg: Optional[KernelConfig], device: torch.device,
+          has_bias: bool, e5m2: bool, asm: Optional[bool]):
+    """Everything about a launch that depends only on the problem, cached:
+    (config, tiles, split_k, k_per_split, constexpr dict, constexpr values)."""
+    key = (M, N, K, gran, B, cfg, device, has_bias, e5m2, asm)
+    plan = _PLANS.get(key)
+    if plan is None:
+        c = cfg if cfg is not None else _pick_config(M, N, K)
+        if c.method == "dequant":
+            plan = (c, 0, 1, 0, None, None)
+        else:
+            BK = c.BK
+            if gran == 2:
+                # A K tile must lie inside one scale block: BK | B.
+                while BK > 16 and B % BK:
+                    BK //= 2
+                if B % BK:
+                    raise ValueError(f"block_size {B} needs a power-of-two factor >= 16")
+            tiles = -(-M // c.BM) * -(-N // c.BN)
+            split_k, k_per = _split_plan(tiles, K, BK, _num_sms(device), c.split)
+            consts = dict(
+                SCALE_MODE=gran, SBLOCK=B if gran == 2 else 1,
+                BSCALE_ACC=(gran == 2 and c.BM <= 64),
+                HAS_BIAS=has_bias, FMT_E5M2=e5m2,
+                USE_ASM=_asm_flag(device, c.asm if asm is None else asm),
+                SWAP=c.swap, SPLIT=split_k > 1, INTERP=_INTERPRET,
+                BM=c.BM, BN=c.BN, BK=BK, GROUP_M=c.group_m,
+            )
+            plan = (c, tiles, split_k, k_per, consts, _launch_w8a16.const_values(consts))
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                  granularity: str, block_size: int = 128,
                  bias: Optional[torch.Tensor] = None, *,
@@ -544,21 +663,23 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
 
     Args:
         x: (..., K) bfloat16 or float16 CUDA tensor, any strides.
-        qdata: (N, K) float8_e4m3fn / float8_e5m2, contiguous.
+        qdata: (N, K) float8_e4m3fn / float8_e5m2 (made contiguous if not).
         scale: float32; () / (N,) / (ceil(N/B), ceil(K/B)) for
             "tensor" / "channel" / "block".
         granularity: "tensor", "channel" or "block".
-        block_size: B for "block" (any positive int; the K tile shrinks to a
-            divisor of B, so prefer powers of two >= 16).
+        block_size: B for "block" (the K tile shrinks to a divisor of B, so B
+            needs a power-of-two factor >= 16; 64 and 128 are typical).
         bias: optional (N,) tensor (any float dtype), added in fp32.
-        config: override the T-bucketed KernelConfig (tests, tuning).
+        config: override the KernelConfig chosen from (T, N, K) (tests, tuning).
         _asm: force the inline-PTX fp8 decode on/off (benchmarking only).
 
     Returns:
         (..., N) tensor in x.dtype.  fp32 accumulation; deterministic.
     """
     _require_triton()
-    gran = _gran_code(granularity)
+    gran = _GRAN.get(granularity)
+    if gran is None:
+        raise ValueError(f"unknown granularity {granularity!r}")
     if qdata.dim() != 2:
         raise ValueError("qdata must be 2-D (N, K)")
     N, K = qdata.shape
@@ -569,55 +690,35 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y.reshape(*lead, N)
-    if K == 0:
-        y.zero_()
-        if bias is not None:
+    dev = x.device
+    if M == 0 or N == 0 or K == 0:
+        y = torch.zeros((M, N), dtype=x.dtype, device=dev)
+        if bias is not None and M:
             y += bias.to(y.dtype)
         return y.reshape(*lead, N)
     if not qdata.is_contiguous():
         qdata = qdata.contiguous()
     B = int(block_size)
-    scale = _check_scale(scale, gran, N, K, B, x.device)
-    cfg = config if config is not None else _pick_config(M)
-    if cfg.method == "dequant":
+    scale = _check_scale(scale, gran, N, K, B, dev)
+    cfg, tiles, split_k, k_per, consts, cvals = _plan(
+        M, N, K, gran, B, config, dev, bias is not None, qdata.dtype == torch.float8_e5m2, _asm)
+    if consts is None:
         # Compute-bound T: one pass of the dequantize kernel (~90% of HBM
         # bandwidth) then cuBLAS, which beats the fused kernel there.
         wd = dequantize(qdata, scale, granularity, B, x.dtype)
         b = bias.to(x.dtype) if bias is not None else None
         return F.linear(x2, wd, b).reshape(*lead, N)
-    BK = cfg.BK
-    if gran == 2:
-        # A K tile must lie inside one scale block: BK | B.
-        while BK > 16 and B % BK:
-            BK //= 2
-        if B % BK:
-            raise ValueError(f"block_size {B} needs a power-of-two factor >= 16")
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-
-    tiles = -(-M // cfg.BM) * -(-N // cfg.BN)
-    split_k, k_per = _split_plan(tiles, K, BK, _num_sms(x.device), cfg.split)
+    y = torch.empty((M, N), dtype=x.dtype, device=dev)
     if split_k > 1:
-        ws, cnt = _workspace(x.device, split_k * tiles * cfg.BM * cfg.BN, tiles)
+        ws, cnt = _workspace(dev, split_k * tiles * cfg.BM * cfg.BN, tiles)
     else:
-        ws, cnt = y, y  # unused (SPLIT is a constexpr False)
-    _w8a16_kernel[(tiles, split_k)](
-        x2, qdata.view(torch.uint8), scale, bias if bias is not None else y, y, ws, cnt,
-        M, N, K,
-        x2.stride(0), x2.stride(1), y.stride(0), scale.stride(0) if gran == 2 else 0,
-        k_per, split_k,
-        SCALE_MODE=gran, SBLOCK=B if gran == 2 else 1,
-        BSCALE_ACC=(gran == 2 and cfg.BM <= 64),
-        HAS_BIAS=bias is not None,
-        FMT_E5M2=qdata.dtype == torch.float8_e5m2,
-        USE_ASM=_asm_flag(x.device, cfg.asm if _asm is None else _asm),
-        SWAP=cfg.swap, SPLIT=split_k > 1, INTERP=_INTERPRET,
-        BM=cfg.BM, BN=cfg.BN, BK=BK, GROUP_M=cfg.group_m,
-        num_warps=cfg.warps, num_stages=cfg.stages,
-    )
+        ws = cnt = y  # unused (SPLIT is a constexpr False)
+    args = (x2, qdata.view(torch.uint8), scale, y if bias is None else bias, y, ws, cnt,
+            M, N, K, x2.stride(0), x2.stride(1), N, scale.stride(0) if gran == 2 else 0,
+            k_per, split_k)
+    _launch_w8a16((tiles, split_k, 1), dev.index or 0, args, consts, cvals, cfg.warps, cfg.stages)
     return y.reshape(*lead, N)
 
 
