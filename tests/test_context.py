@@ -80,7 +80,10 @@ def test_output_matches_fake_quantized_reference_and_differs_from_plain(granular
         with fp8_weights(model, granularity=granularity, block_size=8, layers=fp8ctx.DEFAULT_LAYERS + (nn.Embedding,)):
             out = model(ids(device))
     assert out.dtype == dtype
-    torch.testing.assert_close(out, expected)
+    if device == "cpu":  # same dense weights, same kernels: equal up to summation order
+        torch.testing.assert_close(out, expected)
+    else:  # the fused GPU kernel scales the fp32 accumulator instead of each weight: bf16 rounding apart
+        assert relative_error(out, expected) < 1e-2
     assert relative_error(out, plain) > 1e-3, "nothing was quantized"
 
 

@@ -144,17 +144,37 @@ def test_diffusers_model_cpu_offload_pipeline():
     torch.testing.assert_close(again.cpu(), plain.cpu(), rtol=1e-2, atol=1e-2)
 
 
+def _stack():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(torch.bfloat16)
+
+
 @cuda
 def test_accelerate_device_map_across_cpu_and_gpu():
     from accelerate import dispatch_model
 
-    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(torch.bfloat16)
+    model = _stack()
     reference = fake_quantized_copy(model, "channel")
-    model = dispatch_model(model, device_map={"0": 0, "1": 0, "2": "cpu", "3": "cpu", "4": 0})
+    # main_device="cpu": the CPU layers stay resident (no offload); accelerate's hooks move activations
+    model = dispatch_model(model, device_map={"0": 0, "1": 0, "2": "cpu", "3": "cpu", "4": 0}, main_device="cpu")
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     before = snapshot(model)
     with fp8_weights(model, granularity="channel") as store:
         assert store["0.weight"].qdata.is_cuda and not store["2.weight"].qdata.is_cuda
-        out = model(x.cuda())
+        assert store["4.weight"].qdata.is_cuda
+        out = model(x)
     assert_restored(model, before)
-    torch.testing.assert_close(out.cpu(), reference(x), rtol=2e-2, atol=2e-2)
+    assert relative_error(out.cpu(), reference(x)) < 1e-2
+
+
+@cuda
+def test_accelerate_device_map_with_offloaded_layers_is_refused_clearly():
+    from accelerate import dispatch_model
+
+    # with a GPU main device, accelerate offloads the "cpu" entries: their weights live on meta
+    model = dispatch_model(_stack(), device_map={"0": 0, "1": 0, "2": "cpu", "3": "cpu", "4": 0})
+    before = snapshot(model)
+    with pytest.raises(FP8Error, match="offloaded by accelerate"):
+        with fp8_weights(model):
+            pass
+    assert_restored(model, before)

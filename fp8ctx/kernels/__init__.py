@@ -61,9 +61,18 @@ def _triton_module() -> ModuleType | None:
     return _triton
 
 
+def _tracing(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Under torch.compile the launchers cannot run on fake tensors; the torch path traces (and fuses) fine."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(t) for t in tensors)
+
+
 def _fused(*tensors: torch.Tensor) -> ModuleType | None:
     """The Triton module if the fused path applies to these tensors, else None."""
-    if _backend != "auto" or not all(t.is_cuda for t in tensors):
+    if _backend != "auto" or not all(t.is_cuda for t in tensors) or _tracing(tensors):
         return None
     module = _triton_module()
     if module is None or not module.is_supported(*tensors):
