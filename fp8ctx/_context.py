@@ -10,17 +10,19 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from . import kernels
 from ._config import FP8Config
 from ._errors import FP8Error
 from ._store import DEFAULT_LAYERS, Exclude, FP8Store, Target, find_targets, progress, quantize_target
 from ._swap import Journal, find_slots
 from ._tensor import FP8Tensor
 
-__all__ = ["ORIGINALS", "fp8_weights", "functional_call"]
+__all__ = ["COMPUTE_MODES", "ORIGINALS", "fp8_weights", "functional_call"]
 
 logger = logging.getLogger("fp8ctx")
 
 ORIGINALS = ("cpu", "keep")
+COMPUTE_MODES = ("weight_only", "fp8")
 DEFAULT_COMPONENTS = ("vae", "text_encoder")
 
 StoreResult = Union[FP8Store, tuple[FP8Store, ...], dict[str, FP8Store]]
@@ -90,6 +92,7 @@ class _FP8Weights:
         originals: str,
         stores: list[FP8Store | None],
         progress_bar: bool | None,
+        compute: str,
     ) -> None:
         self._modules = modules
         self._names = names
@@ -99,6 +102,7 @@ class _FP8Weights:
         self._originals = originals
         self._stores = stores
         self._progress_bar = progress_bar
+        self._compute = compute
         self._journal: Journal | None = None
 
     def _plan(self) -> list[list[Target]]:
@@ -133,8 +137,9 @@ class _FP8Weights:
                 bar = self._progress_bar if given is None else False  # nothing to wait for when reusing a store
                 for target in progress(targets, "fp8ctx: quantizing", bar):
                     entry = given[target.name] if given is not None else quantize_target(target, self._config)
+                    stand_in = entry if self._compute == "weight_only" else entry.with_compute(self._compute)
                     for owner, attribute in slots[id(target.param)]:
-                        journal.swap(owner, attribute, entry)
+                        journal.swap(owner, attribute, stand_in)
                     if self._originals == "cpu":
                         journal.offload(target.param)
                     entries[target.name] = entry
@@ -175,6 +180,7 @@ def fp8_weights(
     store: FP8Store | Sequence[FP8Store] | None = None,
     components: Sequence[str] | None = None,
     progress_bar: bool | None = None,
+    compute: str = "weight_only",
 ) -> _FP8Weights:
     """Hold the weights of ``modules`` as FP8 inside a ``with`` block; restore them exactly on exit.
 
@@ -195,6 +201,10 @@ def fp8_weights(
         store: a store (one per module) to reuse instead of quantizing; options must not contradict it.
         components: for a pipeline, the components to target; default ``("vae", "text_encoder")``.
         progress_bar: show a tqdm bar while quantizing; default only for many layers.
+        compute: ``"weight_only"`` (default: activations stay in the compute dtype) or ``"fp8"``: Linear
+            layers also round activations to e4m3 per token and multiply in FP8 (``torch._scaled_mm`` on
+            sm_89+ GPUs, an exact emulation elsewhere); needs e4m3 storage and tensor/channel scales.
+            Inference only: with autograd recording, layers compute weight-only.
 
     Returns:
         A context manager. ``as`` gives the :class:`FP8Store` (one module), a tuple of stores (several),
@@ -233,7 +243,21 @@ def fp8_weights(
                 )
             module_list.append(module)
     stores = _check_stores(store, len(module_list), config, layers, exclude)
-    return _FP8Weights(module_list, names, config, layers, exclude, originals, stores, progress_bar)
+    _check_compute(compute, [s.config for s in stores if s is not None] or [config])
+    return _FP8Weights(module_list, names, config, layers, exclude, originals, stores, progress_bar, compute)
+
+
+def _check_compute(compute: str, configs: list[FP8Config]) -> None:
+    if compute not in COMPUTE_MODES:
+        raise FP8Error(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    if compute == "fp8":
+        for config in configs:
+            if not kernels.fp8_compute_supported(config.storage_dtype, config.granularity):
+                raise FP8Error(
+                    "compute='fp8' multiplies e4m3 codes with one scale per output channel; it needs "
+                    "storage_dtype=torch.float8_e4m3fn and granularity 'tensor' or 'channel', got "
+                    f"{config.storage_dtype} and {config.granularity!r}"
+                )
 
 
 def _check_stores(
@@ -260,6 +284,8 @@ def functional_call(
     store: Mapping[str, FP8Tensor],
     args: Any = (),
     kwargs: dict[str, Any] | None = None,
+    *,
+    compute: str = "weight_only",
 ) -> Any:
     """Run ``module(*args, **kwargs)`` with the store's FP8 weights in place of its own.
 
@@ -271,6 +297,7 @@ def functional_call(
         store: an :class:`FP8Store`, or any mapping of parameter name to :class:`FP8Tensor`.
         args: positional arguments (a tuple, or a single tensor).
         kwargs: keyword arguments.
+        compute: ``"weight_only"`` or ``"fp8"``, as in :func:`fp8_weights`.
 
     Returns:
         Whatever ``module`` returns.
@@ -289,12 +316,16 @@ def functional_call(
     if not isinstance(args, tuple):
         args = (args,)
     targets = targets_from_store(module, store)
+    if compute != "weight_only" or compute not in COMPUTE_MODES:
+        _check_compute(compute, [FP8Config(e.storage_dtype, e.fp8_layout.granularity) for e in store.values()][:1])
     slots = find_slots(module, [t.param for t in targets])
     journal = Journal()
     try:
         for target in targets:
+            entry = store[target.name]
+            stand_in = entry if compute == "weight_only" else entry.with_compute(compute)
             for owner, attribute in slots[id(target.param)]:
-                journal.swap(owner, attribute, store[target.name])
+                journal.swap(owner, attribute, stand_in)
         return module(*args, **(kwargs or {}))
     finally:
         journal.undo()

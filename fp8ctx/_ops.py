@@ -95,7 +95,8 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
     if _records_grad(input, bias) or weight.value_dtype != weight.dtype:
         return _with_dense_weight(F.linear, input, weight, bias)
     layout = weight.fp8_layout
-    return kernels.linear(input, weight.qdata, weight.scale, weight.dtype, layout.granularity, layout.block_size, bias)
+    run = kernels.fp8_linear if weight.compute == "fp8" else kernels.linear
+    return run(input, weight.qdata, weight.scale, weight.dtype, layout.granularity, layout.block_size, bias)
 
 
 def _convolution(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -61,6 +61,8 @@ class FP8Tensor(torch.Tensor):
         value_dtype: the dtype values are rounded to when dequantized (default ``dtype``). It differs from
             ``dtype`` only after a conversion such as ``module.float()`` inside the block, which then gives
             exactly what converting the dequantized ``value_dtype`` weight would give.
+        compute: ``"weight_only"`` (activations stay in ``dtype``) or ``"fp8"`` (Linear layers also round
+            activations to FP8 per token and multiply in FP8; see ``kernels.fp8_linear``).
 
     Example:
         >>> store = fp8ctx.FP8Store.from_module(torch.nn.Linear(16, 8))
@@ -74,6 +76,7 @@ class FP8Tensor(torch.Tensor):
     fp8_layout: FP8Layout
     param_name: str
     value_dtype: torch.dtype
+    compute: str
 
     @staticmethod
     def __new__(
@@ -84,6 +87,7 @@ class FP8Tensor(torch.Tensor):
         dtype: torch.dtype,
         name: str = "",
         value_dtype: torch.dtype | None = None,
+        compute: str = "weight_only",
     ) -> FP8Tensor:
         return torch.Tensor._make_wrapper_subclass(
             cls, data.shape, strides=data.stride(), dtype=dtype, device=data.device, requires_grad=False
@@ -97,12 +101,14 @@ class FP8Tensor(torch.Tensor):
         dtype: torch.dtype,
         name: str = "",
         value_dtype: torch.dtype | None = None,
+        compute: str = "weight_only",
     ) -> None:
         self._data = data
         self._scale = scale
         self.fp8_layout = layout
         self.param_name = name
         self.value_dtype = value_dtype or dtype
+        self.compute = compute
 
     # -- what users read -------------------------------------------------------------------------------
 
@@ -136,22 +142,40 @@ class FP8Tensor(torch.Tensor):
 
     def to_device(self, device: torch.device | str) -> FP8Tensor:
         """The same FP8 weight with data and scales on ``device`` (no dequantization)."""
-        return _as_parameter(
-            FP8Tensor(
-                self._data.to(device), self._scale.to(device), self.fp8_layout, self.dtype, self.param_name, self.value_dtype
-            )
+        return _as_parameter(self._rewrap(self._data.to(device), self._scale.to(device)))
+
+    def with_compute(self, compute: str) -> FP8Tensor:
+        """The same FP8 weight (shared codes and scales) computing in ``compute`` mode."""
+        return _as_parameter(self._rewrap(compute=compute))
+
+    def _rewrap(
+        self,
+        data: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        compute: str | None = None,
+    ) -> FP8Tensor:
+        return FP8Tensor(
+            self._data if data is None else data,
+            self._scale if scale is None else scale,
+            self.fp8_layout,
+            dtype or self.dtype,
+            self.param_name,
+            self.value_dtype,
+            compute or self.compute,
         )
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         return (
             f"FP8Tensor(name={self.param_name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
-            f"storage_dtype={self.storage_dtype}, granularity={self.fp8_layout.granularity!r}, device={self.device})"
+            f"storage_dtype={self.storage_dtype}, granularity={self.fp8_layout.granularity!r}, device={self.device}"
+            + (f", compute={self.compute!r})" if self.compute != "weight_only" else ")")
         )
 
     # -- torch.compile support: the two inner tensors are the real state ------------------------------
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
-        return ["_data", "_scale"], (self.fp8_layout, self.dtype, self.param_name, self.value_dtype)
+        return ["_data", "_scale"], (self.fp8_layout, self.dtype, self.param_name, self.value_dtype, self.compute)
 
     @staticmethod
     def __tensor_unflatten__(
@@ -161,7 +185,7 @@ class FP8Tensor(torch.Tensor):
 
     def _stable_hash_for_caching(self) -> str:
         # torch.compile's AOT cache key: the structure only; values are graph inputs, the name is cosmetic
-        return f"FP8Tensor{tuple(self.shape)}{self.dtype}{self.value_dtype}{self.storage_dtype}{tuple(self._scale.shape)}{self.fp8_layout}"
+        return f"FP8Tensor{tuple(self.shape)}{self.dtype}{self.value_dtype}{self.storage_dtype}{tuple(self._scale.shape)}{self.fp8_layout}{self.compute}"
 
     # -- interception ----------------------------------------------------------------------------------
 
@@ -180,10 +204,7 @@ class FP8Tensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in _ALIASES:
-            source = args[0]
-            return FP8Tensor(
-                source._data, source._scale, source.fp8_layout, source.dtype, source.param_name, source.value_dtype
-            )
+            return args[0]._rewrap()
         if func is _aten._to_copy.default:
             moved = _moved(args[0], **kwargs)
             if moved is not None:
@@ -257,7 +278,7 @@ def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = No
     data, scale = source._data, source._scale
     if device is not None:
         data, scale = data.to(device, non_blocking=non_blocking), scale.to(device, non_blocking=non_blocking)
-    return FP8Tensor(data, scale, source.fp8_layout, dtype or source.dtype, source.param_name, source.value_dtype)
+    return source._rewrap(data, scale, dtype)
 
 
 def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -108,3 +108,73 @@ def test_compile_inside_the_context_on_gpu():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
     assert relative_error(compiled, eager) < 1e-2
+
+
+# -- the opt-in FP8-compute path ------------------------------------------------------------------------
+
+
+def reference_fp8_compute(x, weight, bias, granularity):
+    """Activations rounded to e4m3 per row and weights per the formula, multiplied in float32."""
+    from conftest import reference_qdq
+
+    rows = torch.stack([reference_qdq(row, "tensor").float() for row in x.float().reshape(-1, x.shape[-1])])
+    dense = reference_qdq(weight, granularity).float()
+    out = rows @ dense.T
+    return (out.to(x.dtype) + (bias if bias is not None else 0)).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fp8_compute_matches_per_token_reference(granularity, device):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48, device=device, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 64, device=device, dtype=torch.bfloat16)
+    x[0, 1] = 0  # an all-zero token stays exactly zero
+    with torch.no_grad():
+        expected = reference_fp8_compute(x, layer.weight, layer.bias, granularity)
+        with fp8_weights(layer, granularity=granularity, compute="fp8") as store:
+            out = layer(x)
+            weight_only = F.linear(x, store["weight"].dequantize(), layer.bias)
+    assert relative_error(out, expected) < 5e-3
+    assert torch.equal(out[0, 1], layer.bias)
+    assert relative_error(out, weight_only) > 1e-3  # the activations were rounded too
+
+
+def test_fp8_compute_options_are_checked():
+    layer = nn.Linear(16, 16)
+    with pytest.raises(FP8Error, match="granularity"):
+        fp8_weights(layer, granularity="block", compute="fp8")
+    with pytest.raises(FP8Error, match="storage_dtype"):
+        fp8_weights(layer, storage_dtype=torch.float8_e5m2, compute="fp8")
+    with pytest.raises(FP8Error, match="compute"):
+        fp8_weights(layer, compute="int8")
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [16, 256, 1024], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_scaled_mm_path_matches_the_emulation(granularity, tokens, monkeypatch):
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(tokens)
+    layer = nn.Linear(3584, 4608, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 3584, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), fp8_weights(layer, granularity=granularity, compute="fp8", originals="keep"):
+        out = layer(x)
+        with kernels.use_backend("torch"):
+            emulated = layer(x)
+    assert calls, "torch._scaled_mm did not run"
+    assert torch.isfinite(out).all()
+    assert relative_error(out, emulated) < 1e-2
+
+
+@cuda
+def test_fused_row_quantization_is_bit_identical():
+    from fp8ctx.kernels import _quantize_rows_torch, _triton
+
+    x = torch.randn(300, 3584, device="cuda", dtype=torch.bfloat16)
+    x[7] = 0
+    q, scale = _triton.quantize_rows(x)
+    q_ref, scale_ref = _quantize_rows_torch(x)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from .. import _numerics
 from .._errors import FP8Error
 
-__all__ = ["BACKENDS", "dequantize", "embedding", "get_backend", "linear", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "dequantize",
+    "embedding",
+    "fp8_compute_supported",
+    "fp8_linear",
+    "get_backend",
+    "linear",
+    "use_backend",
+]
 
 BACKENDS = ("auto", "torch")
 _backend = os.environ.get("FP8CTX_BACKEND", "auto")
@@ -129,3 +138,64 @@ def embedding(
     if fused is not None and hasattr(fused, "embedding"):
         return fused.embedding(indices, data, scale, granularity, block_size, dtype)
     return _numerics.dequantize_rows(data, scale, indices, dtype, granularity, block_size)
+
+
+def fp8_compute_supported(storage_dtype: torch.dtype, granularity: str) -> bool:
+    """Whether FP8 compute can use weights stored this way: e4m3 codes with one scale per output row
+    (``"tensor"`` or ``"channel"``), as FP8 tensor-core matmuls with row-wise scaling need."""
+    return storage_dtype == torch.float8_e4m3fn and granularity in ("tensor", "channel")
+
+
+def _quantize_rows_torch(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 quantization in plain torch (the same formula as ``_triton.quantize_rows``)."""
+    # float32: the division below must round only once, at the cast
+    values = x2d.float()
+    amax = values.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    # clamp: e4m3fn has no infinity; an overflow would become NaN
+    return (values / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def _scaled_mm_applies(x2d: torch.Tensor, data: torch.Tensor) -> bool:
+    if _backend != "auto" or not (x2d.is_cuda and data.is_cuda) or x2d.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    n, k = data.shape
+    # FP8 tensor-core GEMMs need sm_89+ and both matrix dims in multiples of 16
+    return torch.cuda.get_device_capability(data.device) >= (8, 9) and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    granularity: str,
+    block_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with the activations rounded to e4m3 per token as well: an FP8 x FP8 matmul.
+
+    On CUDA GPUs with FP8 tensor cores (sm_89+) this is one fused quantization kernel plus
+    ``torch._scaled_mm`` with row-wise scales (``scale_x[t] * scale_w[n]``); elsewhere an exact emulation
+    in float32. Its error is that of W8A16 plus the rounding of the activations (e4m3: 3 mantissa bits).
+    Weights that FP8 compute cannot use (see :func:`fp8_compute_supported`) take :func:`linear`.
+
+    Returns:
+        ``(..., N)`` in ``dtype``.
+    """
+    if not fp8_compute_supported(data.dtype, granularity) or x.dtype != dtype:
+        return linear(x, data, scale, dtype, granularity, block_size, bias)
+    n, k = data.shape
+    x2d = x.reshape(-1, k)
+    row_scales = scale.reshape(1, -1).expand(1, n).contiguous()  # (1, N): one factor per output channel
+    if _scaled_mm_applies(x2d, data):
+        fused = None if _tracing((x2d,)) else _triton_module()
+        q, x_scales = fused.quantize_rows(x2d) if fused is not None else _quantize_rows_torch(x2d)
+        out = torch._scaled_mm(q, data.t(), scale_a=x_scales, scale_b=row_scales, out_dtype=dtype)
+    else:
+        q, x_scales = _quantize_rows_torch(x2d)
+        # the emulation: exact products of FP8 values, summed in float32, scaled, rounded once
+        out = ((q.float() @ data.float().t()) * x_scales * row_scales).to(dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], n)

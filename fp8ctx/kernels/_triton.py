@@ -808,3 +808,55 @@ def _decode_fp8(q: torch.Tensor, out_dtype: torch.dtype, use_asm: Optional[bool]
         flat, out, flat.numel(), FMT_E5M2=q.dtype == torch.float8_e5m2,
         OUT_BF16=out_dtype == torch.bfloat16, USE_ASM=use, BLOCK=BLOCK)
     return out.reshape(q.shape)
+
+
+# --------------------------------------------------------------------------- #
+# Per-token activation quantization for the FP8-compute path (torch._scaled_mm)
+# --------------------------------------------------------------------------- #
+if HAS_TRITON:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row: the row is read once for its amax and once (from L1/L2) to quantize it
+        row = tl.program_id(0)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        m = tl.max(amax, axis=0)
+        # an all-zero row gets scale 1 so its zeros stay exact (the library's convention)
+        scale = tl.where(m > 0, m / FP8_MAX, 1.0)
+        tl.store(s_ptr + row, scale)
+        for start in range(0, K, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+            # clamp: rounding of v / scale can land a hair above the format's max
+            q = tl.minimum(tl.maximum(v / scale, -FP8_MAX), FP8_MAX)
+            tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+def quantize_rows(x2d: torch.Tensor, storage_dtype: torch.dtype = torch.float8_e4m3fn):
+    """Per-row (per-token) FP8 quantization in one kernel: ``(q, scale)`` with ``x ≈ q * scale``.
+
+    Args:
+        x2d: (T, K) bf16/fp16/fp32 CUDA tensor whose last dim is contiguous.
+        storage_dtype: the FP8 format of ``q``.
+
+    Returns:
+        ``q`` (T, K) contiguous in ``storage_dtype`` and ``scale`` (T, 1) float32
+        (``amax / finfo.max`` per row; 1 for an all-zero row).
+    """
+    _require_triton()
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    T, K = x2d.shape
+    q = torch.empty((T, K), dtype=storage_dtype, device=x2d.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x2d.device)
+    if T:
+        block = min(4096, triton.next_power_of_2(max(K, 16)))
+        _quantize_rows_kernel[(T,)](
+            x2d, q, scale, K, x2d.stride(0), FP8_MAX=float(torch.finfo(storage_dtype).max), BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
+    return q, scale
