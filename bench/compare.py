@@ -727,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("CUDA not available; use --device cpu --tiny")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     elif not args.tiny:
         print("note: CPU run without --tiny uses real shapes and will be slow", file=sys.stderr)

@@ -103,7 +103,9 @@ def linear(
     Returns:
         ``(..., N)`` in the dtype ``F.linear`` gives for ``x`` and a ``dtype`` weight.
     """
-    fused = _fused(x, data) if x.dtype == dtype else None
+    # the fused kernel's K tiles must divide a scale block: block sizes need a factor of 16
+    tiles_fit = granularity != "block" or block_size % 16 == 0
+    fused = _fused(x, data) if x.dtype == dtype and tiles_fit else None
     if fused is not None:
         return fused.w8a16_linear(x, data, scale, granularity, block_size, bias)
     return F.linear(x, _numerics.dequantize(data, scale, dtype, granularity, block_size, 0), bias)
