@@ -87,6 +87,7 @@ class Workload:
     iters: int
     has_linear: bool = True  # does the model contain nn.Linear layers (torchao applies)
     ctx_timing: bool = False  # time fp8ctx enter/exit for originals="cpu"/"keep"
+    graph_calls: int = 0  # forwards per CUDA graph for the GPU-only timing (0: not timed that way)
     info: dict = field(default_factory=dict)
 
 
@@ -216,6 +217,7 @@ def make_vae_conv3d(preset: str, seed: int) -> Workload:
         warmup=warm,
         iters=iters,
         has_linear=False,
+        graph_calls=5,
         info={"module": name, "weight_shape": list(shape), "input": [1, cin, 1, lat, lat]},
     )
 
@@ -297,6 +299,7 @@ def make_text_tower(preset: str, seed: int, layers: int | None = None) -> Worklo
         iters=iters,
         has_linear=True,
         ctx_timing=True,
+        graph_calls=2,
         info={"layers": layers, "config": {k: v for k, v in cfg.items()}},
     )
 
@@ -346,6 +349,7 @@ def make_linear(preset: str, seed: int, which: str) -> Workload:
         warmup=warm,
         iters=iters,
         has_linear=True,
+        graph_calls=20,
         info={"out_features": out_f, "in_features": in_f},
     )
 

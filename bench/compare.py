@@ -80,6 +80,34 @@ class Dev:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
+    def time_graph(self, fn, calls: int, replays: int = 7) -> float:
+        """GPU-only milliseconds per call of ``fn``: ``calls`` calls captured in one CUDA graph, each
+        behind a 256 MiB memset that evicts L2 (so weights come from HBM, as in a real forward), minus
+        the same graph of memsets alone. No host cost is inside: this is the time with CUDA graphs,
+        and what the kernels themselves cost when the host is fast enough to keep the GPU busy."""
+        flush = torch.empty(256 * MiB, dtype=torch.uint8, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graphs = []
+        for with_fn in (True, False):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    flush.zero_()
+                    if with_fn:
+                        fn()
+            graphs.append(graph)
+        medians = []
+        for graph in graphs:
+            graph.replay()
+            times = self.time_loop(graph.replay, replays)
+            medians.append(statistics.median(times))
+        del graphs, flush
+        return max(medians[0] - medians[1], 0.0) / calls
+
     def time_loop(self, fn, iters: int) -> list[float]:
         """Per-iteration milliseconds: CUDA events on a GPU, perf_counter on a CPU."""
         if self.cuda:
@@ -231,6 +259,12 @@ def measure_case(dev: Dev, wl, case, model, inp, ref: dict, is_ref: bool) -> dic
         "out_rms": (out_c.pow(2).mean().sqrt().item() if out_c.numel() else None),
         "out_finite": bool(torch.isfinite(out_c).all().item()),
     }
+    if dev.cuda and wl.graph_calls:
+        try:
+            r["graph_ms"] = dev.time_graph(fwd, wl.graph_calls)
+        except Exception as e:  # a forward that syncs with the host cannot be captured
+            r["graph_error"] = _short_err(e)
+            dev.cleanup()
     if is_ref:
         ref[case.name] = out_c
         r["rel_l2_err"] = 0.0
@@ -326,6 +360,8 @@ def _fill_ratios(results: list[dict]) -> None:
             b = bf.get("cases", {}).get(cname, {})
             if "latency_ms_median" in c and b.get("latency_ms_median"):
                 c["latency_ratio"] = c["latency_ms_median"] / b["latency_ms_median"]
+            if c.get("graph_ms") is not None and b.get("graph_ms"):
+                c["graph_ratio"] = c["graph_ms"] / b["graph_ms"]
 
 
 def _noise(results: list[dict]) -> dict:
@@ -482,18 +518,19 @@ def _row_cells(r: dict, case_names: list[str]) -> list[str] | None:
     lat = " ".join("err" if "error" in cases.get(c, {"error": 1}) else
                    _ms(cases[c].get("latency_ms_median")) for c in case_names)
     rat = " ".join(_ratio(cases.get(c, {}).get("latency_ratio")) for c in case_names)
+    graph = " ".join(_ratio(cases.get(c, {}).get("graph_ratio")) for c in case_names)
     peaks = [cases[c].get("peak_transient_bytes") for c in case_names
              if c in cases and cases[c].get("peak_transient_bytes") is not None]
     errs = [cases[c].get("rel_l2_err") for c in case_names
             if c in cases and cases[c].get("rel_l2_err") is not None]
     return [r["method"], _mib(r.get("resident_bytes")), _ratio(r.get("resident_ratio")),
-            _mib(max(peaks) if peaks else None), lat, rat, _err(max(errs) if errs else None),
+            _mib(max(peaks) if peaks else None), lat, rat, graph, _err(max(errs) if errs else None),
             _dshort(r.get("dtype")), _exact(r)]
 
 
-HEAD = ["method", "W MiB", "xbf16", "peak MiB", "latency ms", "x bf16", "rel err", "dtype",
-        "exact"]
-RIGHT = {1, 2, 3, 4, 5, 6}
+HEAD = ["method", "W MiB", "xbf16", "peak MiB", "latency ms", "x bf16", "graph x bf16", "rel err",
+        "dtype", "exact"]
+RIGHT = {1, 2, 3, 4, 5, 6, 7}
 
 
 def _fmt_row(cells: list[str], widths: list[int]) -> str:
@@ -523,7 +560,9 @@ def text_table(report: dict, width: int = 100) -> str:
                  "transient peak")
     lines.append("of one forward; latency = median per case (cases in [..]); rel err = max over "
                  "cases vs bf16;")
-    lines.append("x bf16 = ratio to bf16 (first run); exact = bit-exact after teardown; "
+    lines.append("x bf16 = ratio to bf16 (first run); graph x bf16 = the same ratio for GPU time "
+                 "alone (CUDA graph,")
+    lines.append("L2 flushed between calls; '-' = not captured); exact = bit-exact after teardown; "
                  "#2 = second run (noise)")
     return "\n".join(lines)
 
@@ -579,7 +618,10 @@ def markdown(report: dict) -> str:
     out += ["", "## Summary", "",
             "W = resident weight bytes after setup (memory_allocated after setup minus before the "
             "model existed); peak = transient peak during one forward (max over cases); latency = "
-            "median over timed iterations (CUDA events) per case; rel err = relative L2 error of "
+            "median over timed iterations (CUDA events, eager: host cost included) per case; "
+            "graph x bf16 = the ratio of GPU time alone (the forward captured in a CUDA graph, "
+            "replayed with L2 flushed before each call; '-' where the method cannot be captured); "
+            "rel err = relative L2 error of "
             "the output vs the bf16 output (max over cases); dtype = what `model.dtype` (or the "
             "first parameter) reports; exact = every parameter and buffer bit-identical to a "
             "snapshot taken before setup, after teardown.", ""]
@@ -601,8 +643,9 @@ def markdown(report: dict) -> str:
             out.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
         out.append("")
     out += ["## Per case", "",
-            "| workload | case | method | latency ms | x bf16 | min ms | peak MiB | rel err |",
-            "|---|---|---|---:|---:|---:|---:|---:|"]
+            "| workload | case | method | latency ms | x bf16 | min ms | graph ms | graph x bf16 | "
+            "peak MiB | rel err |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for w in report["workloads"]:
         for r in w.get("results", []):
             if r["status"] != "ok":
@@ -610,12 +653,14 @@ def markdown(report: dict) -> str:
             for cname, c in r.get("cases", {}).items():
                 if "error" in c:
                     out.append(f"| {w['name']} | {cname} | {r['method']} | "
-                               f"{_md_escape(c['error'])} | | | | |")
+                               f"{_md_escape(c['error'])} | | | | | | |")
                     continue
                 out.append(f"| {w['name']} | {cname} | {r['method']} | "
                            f"{_ms(c.get('latency_ms_median'))} | "
                            f"{_ratio(c.get('latency_ratio'))} | "
                            f"{_ms(c.get('latency_ms_min'))} | "
+                           f"{_ms(c.get('graph_ms')) if 'graph_ms' in c else _md_escape(c.get('graph_error', '-'))} | "
+                           f"{_ratio(c.get('graph_ratio'))} | "
                            f"{_mib(c.get('peak_transient_bytes'))} | {_err(c.get('rel_l2_err'))} |")
     out += ["", "## Setup, teardown, bit-exactness", "",
             "| workload | method | setup s | teardown s | exact | detail |",

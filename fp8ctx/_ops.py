@@ -92,11 +92,11 @@ def _with_dense_weight(func: Callable[..., Any], input: Any, weight: FP8Tensor, 
 def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
     if not isinstance(weight, FP8Tensor) or isinstance(input, FP8Tensor) or isinstance(bias, FP8Tensor):
         return _passthrough(F.linear, (input, weight, bias), {})
-    if _records_grad(input, bias) or weight.value_dtype != weight.dtype:
+    if weight.value_dtype != weight.compute_dtype or _records_grad(input, bias):
         return _with_dense_weight(F.linear, input, weight, bias)
     layout = weight.fp8_layout
     run = kernels.fp8_linear if weight.compute == "fp8" else kernels.linear
-    return run(input, weight.qdata, weight.scale, weight.dtype, layout.granularity, layout.block_size, bias)
+    return run(input, weight._data, weight._scale, weight.compute_dtype, layout.granularity, layout.block_size, bias)
 
 
 def _convolution(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,11 +130,13 @@ def _embedding(
             f"embedding {weight.param_name!r} has max_norm={max_norm}, which renormalizes the table in place; an "
             "FP8-held table is read-only. Leave this layer out with exclude=."
         )
-    if weight.value_dtype != weight.dtype:
+    if weight.value_dtype != weight.compute_dtype:
         return F.embedding(input, weight.dequantize())
     layout = weight.fp8_layout
     # padding_idx and scale_grad_by_freq only shape the weight's gradient, which FP8 weights never get
-    return kernels.embedding(input, weight.qdata, weight.scale, weight.dtype, layout.granularity, layout.block_size)
+    return kernels.embedding(
+        input, weight._data, weight._scale, weight.compute_dtype, layout.granularity, layout.block_size
+    )
 
 
 

@@ -73,6 +73,7 @@ class FP8Tensor(torch.Tensor):
 
     _data: torch.Tensor
     _scale: torch.Tensor
+    compute_dtype: torch.dtype
     fp8_layout: FP8Layout
     param_name: str
     value_dtype: torch.dtype
@@ -105,6 +106,8 @@ class FP8Tensor(torch.Tensor):
     ) -> None:
         self._data = data
         self._scale = scale
+        # the reported dtype as a plain attribute: reading `self.dtype` goes through __torch_function__
+        self.compute_dtype = dtype
         self.fp8_layout = layout
         self.param_name = name
         self.value_dtype = value_dtype or dtype
@@ -137,7 +140,7 @@ class FP8Tensor(torch.Tensor):
         dense = kernels.dequantize(
             self._data, self._scale, self.value_dtype, layout.granularity, layout.block_size, layout.channel_axis
         )
-        wanted = dtype or self.dtype
+        wanted = dtype or self.compute_dtype
         return dense if wanted == self.value_dtype else dense.to(wanted)
 
     def to_device(self, device: torch.device | str) -> FP8Tensor:
@@ -159,7 +162,7 @@ class FP8Tensor(torch.Tensor):
             self._data if data is None else data,
             self._scale if scale is None else scale,
             self.fp8_layout,
-            dtype or self.dtype,
+            dtype or self.compute_dtype,
             self.param_name,
             self.value_dtype,
             compute or self.compute,
@@ -191,6 +194,7 @@ class FP8Tensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        # hot path: every layer call and every `.dtype`/`.shape` read of a held weight lands here
         kwargs = kwargs or {}
         handler = _FUNCTIONS.get(func)
         if handler is not None:
@@ -247,8 +251,12 @@ def _refuse_python_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     in_place = name in _INPLACE_OPERATORS or (
         name.endswith("_") and not name.endswith("__") and name not in _HARMLESS_INPLACE
     )
+    out = kwargs.get("out")
+    if not in_place and out is None:  # reads (property getters included) are the common case: no flattening
+        return
     targets = [args[0]] if in_place and args else []
-    targets += [t for t in _flat((), {"out": kwargs.get("out")})]
+    if out is not None:
+        targets += _flat((), out)
     for target in targets:
         if isinstance(target, (FP8Tensor, ReadOnlyView)):
             weight = target.param_name if isinstance(target, FP8Tensor) else target.fp8_source

@@ -615,6 +615,7 @@ def _raw_stream(index: int) -> int:
 
 if HAS_TRITON:
     _launch_w8a16 = _FastLaunch(_w8a16_kernel)
+    _launch_dequant = _FastLaunch(_dequant_kernel)
 
 _PLANS: dict = {}
 
@@ -750,11 +751,10 @@ def dequantize(qdata2d: torch.Tensor, scale: torch.Tensor, granularity: str,
         return out
     BR, BC = 16, 256  # 4K elements per program: 16-byte fp8 loads, ~2 waves+ on big weights
     grid = (-(-R // BR), -(-C // BC))
-    _dequant_kernel[grid](
-        q.view(torch.uint8), scale, out, R, C, scale.stride(0) if gran == 2 else 0,
-        SCALE_MODE=gran, SBLOCK=B if gran == 2 else 1,
-        FMT_E5M2=q.dtype == torch.float8_e5m2, BR=BR, BC=BC, num_warps=4,
-    )
+    consts = dict(SCALE_MODE=gran, SBLOCK=B if gran == 2 else 1, FMT_E5M2=q.dtype == torch.float8_e5m2, BR=BR, BC=BC)
+    args = (q.view(torch.uint8), scale, out, R, C, scale.stride(0) if gran == 2 else 0)
+    # every conv layer and every compute-bound linear comes through here: skip Triton's per-call binding
+    _launch_dequant(grid, q.device.index or 0, args, consts, _launch_dequant.const_values(consts), 4, 3)
     return out
 
 
@@ -826,13 +826,14 @@ if HAS_TRITON:
             amax = tl.maximum(amax, tl.abs(v))
         m = tl.max(amax, axis=0)
         # an all-zero row gets scale 1 so its zeros stay exact (the library's convention)
-        scale = tl.where(m > 0, m / FP8_MAX, 1.0)
+        # div_rn: Triton's `/` on float32 is an approximate division; the torch path rounds correctly
+        scale = tl.where(m > 0, tl.math.div_rn(m, FP8_MAX), 1.0)
         tl.store(s_ptr + row, scale)
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
             # clamp: rounding of v / scale can land a hair above the format's max
-            q = tl.minimum(tl.maximum(v / scale, -FP8_MAX), FP8_MAX)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -FP8_MAX), FP8_MAX)
             tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
 
 

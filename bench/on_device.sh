@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine runs for this repository, in one call (see bench/README.md).
+#
+#   bash bench/on_device.sh tests    # the whole test suite on CUDA (GPU tests included)
+#   bash bench/on_device.sh bench    # bench/mechanism.py, then bench/compare.py (full run)
+#   bash bench/on_device.sh all      # both; TESTS_S caps the tests, BUDGET_S the benchmark (--budget-s)
+#   METHODS='bf16,fp8ctx*' bash bench/on_device.sh bench   # a subset (compare.py --methods)
+#
+# The machine has torch, triton, transformers, accelerate, hypothesis and pytest but no diffusers,
+# torchao or fp8ctx and no network: the wheels come from the git-ignored .whl/ (carried), the
+# repository goes on PYTHONPATH. Results are written under $OUT (default: ./device-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-all}
+out=${OUT:-device-out}
+mkdir -p "$out"
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  >"$out/pip.txt" 2>&1 || { echo "wheel install failed"; tail -5 "$out/pip.txt"; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' \
+  | tee -a "$out/device.txt"
+
+if [[ $mode == tests || $mode == all ]]; then
+  start=$(date +%s)
+  # -n 12: twelve workers share the GPU; tests that measure device memory measure from their own baseline
+  timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -n 12 -v -rs tests fp8ctx >"$out/tests.txt" 2>&1
+  echo "tests rc=$? in $(( $(date +%s) - start )) s"
+  grep -E "passed|failed|error" "$out/tests.txt" | tail -3
+  grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -20
+fi
+
+if [[ $mode == bench || $mode == all ]]; then
+  python3 bench/mechanism.py --device cuda --json "$out/mechanism.json" >"$out/mechanism.txt" 2>&1
+  tail -8 "$out/mechanism.txt"
+  python3 bench/compare.py --budget-s "${BUDGET_S:-500}" ${METHODS:+--methods "$METHODS"} --out "$out/results.json" --markdown "$out/benchmarks.md" \
+    >"$out/compare.txt" 2>&1
+  echo "compare rc=$?"
+  tail -60 "$out/compare.txt"
+fi
