@@ -26,7 +26,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torc
 if [[ $mode == tests || $mode == all ]]; then
   start=$(date +%s)
   # -n 12: twelve workers share the GPU; tests that measure device memory measure from their own baseline
-  timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -n 12 -v -rs tests fp8ctx >"$out/tests.txt" 2>&1
+  timeout "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider -n 12 -v -rs tests fp8ctx >"$out/tests.txt" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s"
   grep -E "passed|failed|error" "$out/tests.txt" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -20
