@@ -49,10 +49,14 @@ class Method:
     default: Callable[[], bool] = lambda: True
     # Optional extra timing pass (fp8ctx enter/exit), called with the restored model.
     ctx_timings: Callable[..., dict] | None = None
+    # Why a forward cannot be captured in a CUDA graph, or None. Hooks that assign `.data` during a
+    # forward would leave the parameters in the graph's private memory, freed with the graph.
+    graph_unsafe: str | None = None
     extra: dict = field(default_factory=dict)
 
 
 REGISTRY: dict[str, Method] = {}
+_HOOKS_ASSIGN_DATA = "its hooks assign weight.data inside the forward"
 
 
 def register(name: str, setup: Callable | None = None, **kw):
@@ -352,7 +356,8 @@ def _diffusers_unavailable() -> str | None:
     return None
 
 
-@register("diffusers-lc", family="diffusers", unavailable=_diffusers_unavailable,
+@register("diffusers-lc", family="diffusers",
+          graph_unsafe=_HOOKS_ASSIGN_DATA, unavailable=_diffusers_unavailable,
           about="diffusers enable_layerwise_casting / hooks.apply_layerwise_casting, "
                 "storage fp8 e4m3 (no scale), compute bf16")
 def _setup_diffusers(model, wl, info):
@@ -429,6 +434,7 @@ def _per_tensor_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register("seed-r1", family="seed",
+          graph_unsafe=_HOOKS_ASSIGN_DATA,
           about="seed rev 1: weight.data = fp8 (per-tensor amax/448); pre-hook dequantizes to "
                 "bf16, post-hook puts fp8 back")
 def _setup_seed_r1(model, wl, info):
@@ -451,6 +457,7 @@ def _setup_seed_r1(model, wl, info):
 
 
 @register("seed-r2", family="seed",
+          graph_unsafe=_HOOKS_ASSIGN_DATA,
           about="seed rev 2 (final): bf16 weight.data kept + _fp8_weight buffer; pre-hook "
                 "writes fp8*scale, post-hook writes _fp8_weight.to(bf16)")
 def _setup_seed_r2(model, wl, info):

@@ -236,7 +236,7 @@ def _short_err(e: BaseException, limit: int = 300) -> str:
     return s[:limit]
 
 
-def measure_case(dev: Dev, wl, case, model, inp, ref: dict, is_ref: bool) -> dict:
+def measure_case(dev: Dev, wl, case, method: M.Method, model, inp, ref: dict, is_ref: bool) -> dict:
     def fwd():
         return case.forward(model, inp)
 
@@ -259,7 +259,9 @@ def measure_case(dev: Dev, wl, case, model, inp, ref: dict, is_ref: bool) -> dic
         "out_rms": (out_c.pow(2).mean().sqrt().item() if out_c.numel() else None),
         "out_finite": bool(torch.isfinite(out_c).all().item()),
     }
-    if dev.cuda and wl.graph_calls:
+    if dev.cuda and wl.graph_calls and method.graph_unsafe:
+        r["graph_error"] = f"not captured: {method.graph_unsafe}"
+    elif dev.cuda and wl.graph_calls:
         try:
             r["graph_ms"] = dev.time_graph(fwd, wl.graph_calls)
         except Exception as e:  # a forward that syncs with the host cannot be captured
@@ -305,8 +307,8 @@ def run_one(dev: Dev, wl, method: M.Method, run_idx: int, inputs: dict, ref: dic
         cases = {}
         for case in wl.cases:
             try:
-                cases[case.name] = measure_case(dev, wl, case, model, inputs[case.name], ref,
-                                                is_ref)
+                cases[case.name] = measure_case(dev, wl, case, method, model, inputs[case.name],
+                                                ref, is_ref)
             except Exception as e:  # e.g. out of memory on the largest case
                 cases[case.name] = {"error": _short_err(e)}
                 res.setdefault("tracebacks", []).append(traceback.format_exc())

@@ -5,6 +5,7 @@
 #   bash bench/on_device.sh bench    # bench/mechanism.py, then bench/compare.py (full run)
 #   bash bench/on_device.sh all      # both; TESTS_S caps the tests, BUDGET_S the benchmark (--budget-s)
 #   METHODS='bf16,fp8ctx*' bash bench/on_device.sh bench   # a subset (compare.py --methods)
+#   TESTS="tests/test_kernels.py" bash bench/on_device.sh tests  # a subset of the tests
 #
 # The machine has torch, triton, transformers, accelerate, hypothesis and pytest but no diffusers,
 # torchao or fp8ctx and no network: the wheels come from the git-ignored .whl/ (carried), the
@@ -26,7 +27,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torc
 if [[ $mode == tests || $mode == all ]]; then
   start=$(date +%s)
   # -n 12: twelve workers share the GPU; tests that measure device memory measure from their own baseline
-  timeout "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider -n 12 -v -rs tests fp8ctx >"$out/tests.txt" 2>&1
+  timeout "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider -n 12 -v -rs ${TESTS:-tests fp8ctx} >"$out/tests.txt" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s"
   grep -E "passed|failed|error" "$out/tests.txt" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -20

@@ -596,7 +596,8 @@ class _FastLaunch:
         rt = triton.knobs.runtime
         if kern is not None and _no_hook(rt.launch_enter_hook) and _no_hook(rt.launch_exit_hook):
             stream = _raw_stream(device_index)
-            kern.run(grid[0], grid[1], grid[2], stream, kern.function, kern.packed_metadata,
+            gx, gy, gz = (*grid, 1, 1)[:3]  # the launcher takes all three grid dimensions
+            kern.run(gx, gy, gz, stream, kern.function, kern.packed_metadata,
                      None, None, None, *args, *cvals)
             return
         kern = self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -826,13 +827,14 @@ if HAS_TRITON:
             amax = tl.maximum(amax, tl.abs(v))
         m = tl.max(amax, axis=0)
         # an all-zero row gets scale 1 so its zeros stay exact (the library's convention)
-        # div_rn: Triton's `/` on float32 is an approximate division; the torch path rounds correctly
-        scale = tl.where(m > 0, tl.math.div_rn(m, FP8_MAX), 1.0)
+        # times the reciprocal, as torch does for a tensor divided by a Python number on the GPU
+        scale = tl.where(m > 0, m * (1.0 / FP8_MAX), 1.0)
         tl.store(s_ptr + row, scale)
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
             # clamp: rounding of v / scale can land a hair above the format's max
+            # div_rn: Triton's `/` on float32 is approximate; torch's tensor / tensor rounds correctly
             q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -FP8_MAX), FP8_MAX)
             tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
 
