@@ -151,17 +151,6 @@ def _accepted_kwargs(fn: Callable, kw: dict) -> tuple[dict, list[str]]:
     return ok, [k for k in kw if k not in params]
 
 
-def _fp8ctx_has_option(option: str) -> bool:
-    try:
-        fn = fp8ctx_module().fp8_weights
-    except NotApplicable:
-        return False
-    try:
-        return option in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _fp8ctx_enter(model, kw: dict, info: dict | None = None):
     """Enter fp8ctx.fp8_weights(model, **kw); returns (context manager, store)."""
     fp8ctx = fp8ctx_module()
@@ -209,15 +198,12 @@ def _fast_path_state() -> dict:
     return out
 
 
-def make_fp8ctx_setup(fp8_kwargs: dict, required_option: str | None = None,
-                      backend: str | None = None):
+def make_fp8ctx_setup(fp8_kwargs: dict, backend: str | None = None):
     """Setup entering fp8ctx.fp8_weights(model, **fp8_kwargs) (originals="cpu" unless given);
     `backend` ("torch", "auto", ...) is selected with fp8ctx.kernels.use_backend for the run."""
 
     def setup(model, wl, info):
         fp8ctx_module()
-        if required_option and not _fp8ctx_has_option(required_option):
-            raise NotApplicable(f"fp8ctx.fp8_weights has no {required_option!r} option yet")
         kw = dict(fp8_kwargs)
         kw.setdefault("originals", "cpu")
         kw.setdefault("progress_bar", False)
@@ -302,26 +288,24 @@ def make_fp8ctx_ctx_timings(fp8_kwargs: dict):
     return timings
 
 
-def register_fp8ctx(name: str, fp8_kwargs: dict, about: str, required_option: str | None = None,
-                    backend: str | None = None, ctx_timings: bool = True):
+def register_fp8ctx(name: str, fp8_kwargs: dict, about: str, backend: str | None = None,
+                    ctx_timings: bool = True, default: bool = True):
     """Register an fp8ctx variant.
 
-    required_option: an fp8_weights keyword that must exist (future fast paths); such a method
-        joins the default list only once fp8ctx has that option, and is n/a before.
     backend: an fp8ctx.kernels backend to force for the run (None = fp8ctx's default, "auto",
         which takes the fused Triton path on a GPU where it applies).
     ctx_timings: also time enter/exit with originals="keep" and a reused store (text tower).
+    default: in the default method list (else only with --methods naming it, or 'all').
     """
     register(
         name,
-        make_fp8ctx_setup(fp8_kwargs, required_option, backend),
+        make_fp8ctx_setup(fp8_kwargs, backend),
         family="fp8ctx",
         about=about,
         unavailable=_fp8ctx_unavailable,
-        default=((lambda: _fp8ctx_has_option(required_option)) if required_option
-                 else (lambda: True)),
+        default=lambda: default,
         ctx_timings=make_fp8ctx_ctx_timings(fp8_kwargs) if ctx_timings else None,
-        extra={"fp8_kwargs": fp8_kwargs, "required_option": required_option, "backend": backend},
+        extra={"fp8_kwargs": fp8_kwargs, "backend": backend},
     )
 
 
@@ -335,13 +319,14 @@ for _g, (_kw, _about) in _GRANULARITIES.items():
     register_fp8ctx(f"fp8ctx-{_g}", _kw, f"fp8ctx.fp8_weights, {_about}, originals on CPU, "
                                         f"default backend (Triton fast path on GPU)")
 for _g, (_kw, _about) in _GRANULARITIES.items():
-    # the same with the fast path switched off: dequantize per layer in pure torch
+    # the same with the fast path switched off: dequantize per layer in pure torch; channel stands
+    # for the three by default (the fallback differs between granularities only in the formula)
     register_fp8ctx(f"fp8ctx-{_g}-torch", _kw, f"fp8ctx.fp8_weights, {_about}, originals on "
-                    "CPU, backend 'torch' (no fused kernel)", backend="torch", ctx_timings=False)
-# A fast path behind an fp8_weights option: listed by default once the option exists.
+                    "CPU, backend 'torch' (no fused kernel)", backend="torch", ctx_timings=False,
+                    default=_g == "channel")
 register_fp8ctx("fp8ctx-channel-fp8mm", {"granularity": "channel", "compute": "fp8"},
-                "fp8ctx with compute='fp8' (FP8 matmul), once fp8_weights has that option",
-                required_option="compute", ctx_timings=False)
+                "fp8ctx with compute='fp8': activations rounded to e4m3 per token, FP8 matmul "
+                "(torch._scaled_mm on sm_89+)", ctx_timings=False)
 
 
 # ---------------------------------------------------------------------------------------------
