@@ -316,8 +316,8 @@ def functional_call(
     if not isinstance(args, tuple):
         args = (args,)
     targets = targets_from_store(module, store)
-    if compute != "weight_only" or compute not in COMPUTE_MODES:
-        _check_compute(compute, [FP8Config(e.storage_dtype, e.fp8_layout.granularity) for e in store.values()][:1])
+    held = [FP8Config(e.storage_dtype, e.fp8_layout.granularity) for e in store.values()] if compute == "fp8" else []
+    _check_compute(compute, held)
     slots = find_slots(module, [t.param for t in targets])
     journal = Journal()
     try:

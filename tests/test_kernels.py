@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import relative_error
 from torch import nn
 
-from fp8ctx import FP8Error, FP8Store, _numerics, fp8_weights, kernels
+from fp8ctx import FP8Error, FP8Store, _numerics, fp8_weights, functional_call, kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GRANULARITIES = ["tensor", "channel", "block"]
@@ -147,6 +147,27 @@ def test_fp8_compute_options_are_checked():
         fp8_weights(layer, storage_dtype=torch.float8_e5m2, compute="fp8")
     with pytest.raises(FP8Error, match="compute"):
         fp8_weights(layer, compute="int8")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_functional_call_computes_in_fp8_when_asked(granularity, device):
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 48, device=device, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    store = FP8Store.from_module(layer, granularity=granularity)
+    with torch.no_grad():
+        out = functional_call(layer, store, (x,), compute="fp8")
+        expected = reference_fp8_compute(x, layer.weight, layer.bias, granularity)
+    assert relative_error(out, expected) < 5e-3
+
+
+def test_functional_call_checks_the_compute_option():
+    layer = nn.Linear(16, 16)
+    block_store = FP8Store.from_module(layer, granularity="block")
+    with pytest.raises(FP8Error, match="granularity"):
+        functional_call(layer, block_store, (torch.randn(2, 16),), compute="fp8")
+    with pytest.raises(FP8Error, match="compute"):
+        functional_call(layer, FP8Store.from_module(layer), (torch.randn(2, 16),), compute="int8")
 
 
 @cuda
