@@ -1,6 +1,5 @@
 """fp8ctx: run PyTorch models with their weights held in FP8 — scoped, lazy and exactly reversible."""
 
-from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and Embedding)
 from ._config import FP8Config
 from ._context import fp8_weights, functional_call
 from ._errors import FP8Error

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _numerics
+from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and Embedding that stored weights take)
 from ._config import FP8Config
 from ._errors import FP8Error
 from ._tensor import FP8Layout, FP8Tensor, make_fp8_tensor
