@@ -127,19 +127,8 @@ class Report:
         rows = list(self.layers)
         if max_rows is not None and len(rows) > max_rows:
             rows = sorted(rows, key=lambda r: r.sqnr_db if r.sqnr_db is not None else math.inf)[:max_rows]
-        header = ("layer", "type", "shape", "dense", "fp8", "SQNR dB", "rel err")
-        cells = [
-            (
-                row.name,
-                row.layer_type,
-                "x".join(map(str, row.shape)),
-                _size(row.dense_bytes),
-                _size(row.fp8_bytes),
-                _number(row.sqnr_db, ".1f"),
-                _number(row.relative_error, ".2e"),
-            )
-            for row in rows
-        ]
+        header = _LAYER_COLUMNS
+        cells = [_layer_cells(row) for row in rows]
         widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -150,26 +139,29 @@ class Report:
         return self.table() + "\n\n" + "\n".join(self.summary_lines())
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("layer", "type", "shape", "dense", "fp8", "SQNR dB", "rel err"))
+        head = "".join(f"<th>{h}</th>" for h in _LAYER_COLUMNS)
         body = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(str(v))}</td>"
-                for v in (
-                    row.name,
-                    row.layer_type,
-                    "x".join(map(str, row.shape)),
-                    _size(row.dense_bytes),
-                    _size(row.fp8_bytes),
-                    _number(row.sqnr_db, ".1f"),
-                    _number(row.relative_error, ".2e"),
-                )
-            )
-            + "</tr>"
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _layer_cells(row)) + "</tr>"
             for row in self.layers
         )
         summary = "<br>".join(html.escape(line) for line in self.summary_lines())
         return f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+_LAYER_COLUMNS = ("layer", "type", "shape", "dense", "fp8", "SQNR dB", "rel err")
+
+
+def _layer_cells(row: LayerReport) -> tuple[str, ...]:
+    """One layer's row, as the text table and the HTML table show it."""
+    return (
+        row.name,
+        row.layer_type,
+        "x".join(map(str, row.shape)),
+        _size(row.dense_bytes),
+        _size(row.fp8_bytes),
+        _number(row.sqnr_db, ".1f"),
+        _number(row.relative_error, ".2e"),
+    )
 
 
 def _size(n: int) -> str:
