@@ -35,10 +35,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="e4m3")
     report.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype the model is loaded in")
     report.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    report.add_argument("--rows", type=int, default=12, help="layers shown, worst SQNR first (0: all)")
+    report.add_argument("--rows", type=_count, default=12, help="layers shown, worst SQNR first (0: all)")
     report.add_argument("--json", metavar="PATH", help="also write the full reports as JSON")
     report.add_argument("--verbose", action="store_true", help="log progress; show tracebacks")
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of 0 or more, got {text!r}")
+    return value
 
 
 def _device(name: str) -> torch.device:
@@ -83,7 +93,7 @@ def _report(args: argparse.Namespace) -> int:
         print()
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump([r.to_dict() for r in results], handle, indent=2)
+            json.dump([r.to_dict() for r in results], handle, indent=2, allow_nan=False)
     return 0 if all(r.restored_exactly is not False for r in results) else 1
 
 
@@ -107,14 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
     try:
         return _report(args)
-    except (FP8Error, OSError, ValueError, ImportError) as error:
-        if args.verbose:
-            raise
-        print(f"fp8ctx: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("fp8ctx: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # the model's own code can raise anything; one line, --verbose for the traceback
+        if args.verbose:
+            raise
+        kind = "" if isinstance(error, (FP8Error, OSError)) else f"{type(error).__name__}: "
+        print(f"fp8ctx: error: {kind}{error} (--verbose shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def fp8_weights(
                     f"got {type(module).__name__}"
                 )
             module_list.append(module)
-    stores = _check_stores(store, len(module_list), config, layers, exclude)
+    stores = check_stores(store, len(module_list), config, layers, exclude)
     _check_compute(compute, [s.config for s in stores if s is not None] or [config])
     return _FP8Weights(module_list, names, config, layers, exclude, originals, stores, progress_bar, compute)
 
@@ -260,7 +260,7 @@ def _check_compute(compute: str, configs: list[FP8Config]) -> None:
                 )
 
 
-def _check_stores(
+def check_stores(
     store: Any, count: int, config: FP8Config, layers: Any, exclude: Exclude
 ) -> list[FP8Store | None]:
     if store is None:

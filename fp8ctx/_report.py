@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._config import FP8Config
-from ._context import fp8_weights
+from ._context import check_stores, fp8_weights, targets_from_store
 from ._store import DEFAULT_LAYERS, Exclude, FP8Store, find_targets
 
 __all__ = ["LayerReport", "OutputReport", "Report", "report"]
@@ -75,8 +75,9 @@ class Report:
         return min(values) if values else None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready)."""
-        return {
+        """Plain data (JSON-ready): figures that are not finite, such as the SQNR of a weight FP8 holds
+        exactly (+inf), are None."""
+        data = {
             "model": self.model,
             "config": {
                 "storage_dtype": str(self.config.storage_dtype).removeprefix("torch."),
@@ -94,6 +95,7 @@ class Report:
             "output": dataclasses.asdict(self.output) if self.output else None,
             "restored_exactly": self.restored_exactly,
         }
+        return _finite(data)
 
     def to_pandas(self) -> Any:
         """The per-layer rows as a ``pandas.DataFrame`` (needs pandas)."""
@@ -146,6 +148,17 @@ class Report:
         )
         summary = "<br>".join(html.escape(line) for line in self.summary_lines())
         return f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _finite(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None (JSON has no inf or NaN)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
 
 
 _LAYER_COLUMNS = ("layer", "type", "shape", "dense", "fp8", "SQNR dB", "rel err")
@@ -222,23 +235,33 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor) -> OutputReport:
     return OutputReport(relative, cosine, max_abs, psnr)
 
 
+_CHECKSUM_CHUNK = 1 << 24  # elements widened to int64 at a time: bounds the checksum's own memory
+
+
 @torch.no_grad()
+def _checksum(tensor: torch.Tensor) -> tuple[int, int]:
+    """Two integer sums over a tensor's raw bits (any dtype): any flipped bit changes the first, the
+    position-weighted second also catches values moved around."""
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    try:
+        words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+    except RuntimeError:  # storage offset not 4-byte aligned: sum the bytes instead
+        words = raw
+    total = weighted = 0
+    for start in range(0, words.numel(), _CHECKSUM_CHUNK):
+        chunk = words[start : start + _CHECKSUM_CHUNK].long()
+        position = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521 + 1
+        total += int(chunk.sum())
+        weighted += int((chunk * position).sum())
+    return total, weighted
+
+
 def _fingerprint(model: nn.Module) -> list[tuple[Any, ...]]:
-    """Identity, metadata and a position-weighted checksum of every parameter's and buffer's bits."""
-    prints = []
+    """Identity, metadata and a checksum of the bits of every parameter and buffer."""
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, tensor in tensors:
-        bits = tensor.detach().contiguous().flatten()
-        if bits.numel():
-            width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]
-            # integer sums over the raw bits: any flipped bit changes them; weights make order count too
-            as_int = bits.view(width).long()
-            weights = torch.arange(as_int.numel(), device=as_int.device) % 65521 + 1
-            checksum = (int(as_int.sum()), int((as_int * weights).sum()))
-        else:
-            checksum = (0, 0)
-        prints.append((name, id(tensor), tensor.dtype, tensor.device, tuple(tensor.shape), tensor.stride(), checksum))
-    return prints
+    return [
+        (name, id(t), t.dtype, t.device, tuple(t.shape), t.stride(), _checksum(t)) for name, t in tensors
+    ]
 
 
 def report(
@@ -286,7 +309,11 @@ def report(
             for name, entry in model.items()
         )
         return Report("FP8Store", model.config, rows, None, None)
-    if store is None:
+    if store is not None:
+        # the same checks fp8_weights(model, store=store) makes, before anything is computed from the store
+        check_stores(store, 1, FP8Config(storage_dtype, granularity, block_size), layers, exclude)
+        targets_from_store(model, store)
+    else:
         store = FP8Store.from_module(
             model,
             storage_dtype=storage_dtype,
@@ -316,12 +343,20 @@ def report(
     output = restored = None
     if inputs is not None or run is not None:
         call = run or _caller(inputs)
-        before = _fingerprint(model)
-        with torch.no_grad():
-            expected = _first_tensor(call(model)).detach().clone()
-            with fp8_weights(model, store=store, originals=originals):
-                actual = _first_tensor(call(model)).detach().clone()
-        restored = _fingerprint(model) == before
+        # both runs in eval mode: dropout would make the comparison noise, and batch-norm statistics
+        # updated by a training-mode forward would look like a failed restore
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                expected = _first_tensor(call(model)).detach().clone()
+                before = _fingerprint(model)  # after the plain run: buffers it creates lazily are in
+                with fp8_weights(model, store=store, originals=originals):
+                    actual = _first_tensor(call(model)).detach().clone()
+            restored = _fingerprint(model) == before
+        finally:
+            for module, training in modes:
+                module.training = training
         output = _compare(actual, expected)
         logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
     return Report(type(model).__name__, store.config, tuple(rows), output, restored)

@@ -255,6 +255,13 @@ class FP8Store(Mapping[str, FP8Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    # stores compare by identity: their entries are tensors, and Mapping's value-by-value == would ask a
+    # tensor for a truth value
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
+
     # -- what users ask of a store ---------------------------------------------------------------------
 
     @property
@@ -315,9 +322,17 @@ class FP8Store(Mapping[str, FP8Tensor]):
         """
         from safetensors import safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
+        try:
+            opened = safe_open(os.fspath(path), framework="pt", device=str(device))
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # safetensors raises its own error type for a file of another format
+            raise FP8Error(
+                f"{os.fspath(path)!r} is not a safetensors file ({error}); write a store with FP8Store.save"
+            ) from None
+        with opened as handle:
             metadata = handle.metadata() or {}
-            if "fp8ctx.layouts" not in metadata:
+            if "fp8ctx.layouts" not in metadata or "fp8ctx.config" not in metadata:
                 raise FP8Error(f"{os.fspath(path)!r} is not an fp8ctx store (no fp8ctx metadata); write one with FP8Store.save")
             config = json.loads(metadata["fp8ctx.config"])
             layouts = json.loads(metadata["fp8ctx.layouts"])

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from torch import nn
 
 import _models
+from conftest import assert_restored, snapshot
 from fp8ctx._cli import main
 
 pytest.importorskip("diffusers")
@@ -49,21 +51,58 @@ def test_model_directory_without_component(pipeline_dir, capsys):
     assert "float8_e5m2" in out and "restored bit-exact after the block: yes" in out
 
 
+@pytest.fixture(scope="module")
+def broken_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("broken")
+    (path / "listed").mkdir()
+    (path / "listed" / "model_index.json").write_text("[1, 2]")
+    (path / "garbled").mkdir()
+    (path / "garbled" / "config.json").write_text("{oops")
+    return path
+
+
 @pytest.mark.parametrize(
     "arguments,message",
     [
         (["report", "/no/such/dir"], "not a directory"),
         (["report", "{pipeline}", "--component", "unet"], "choose from"),
+        (["report", "{pipeline}", "--component", "tokenizer"], "choose from ['text_encoder', 'transformer', 'vae']"),
+        (["report", "{broken}/listed"], "expected an object"),
+        (["report", "{broken}/garbled"], "not readable JSON"),
         (["report", "{pipeline}/scheduler"], "no config.json"),
         (["report", "--component", "vae"], "needs a MODEL_DIR"),
         (["report", "--device", "nonsense"], "--device"),
     ],
-    ids=["missing-path", "unknown-component", "not-a-model", "component-without-dir", "bad-device"],
+    ids=[
+        "missing-path", "unknown-component", "tokenizer-is-not-a-model", "index-not-an-object", "garbled-config",
+        "not-a-model", "component-without-dir", "bad-device",
+    ],
 )
-def test_bad_input_is_one_line_and_nonzero(arguments, message, pipeline_dir):
-    arguments = [a.replace("{pipeline}", str(pipeline_dir)) for a in arguments]
+def test_bad_input_is_one_line_and_nonzero(arguments, message, pipeline_dir, broken_dir):
+    arguments = [a.replace("{pipeline}", str(pipeline_dir)).replace("{broken}", str(broken_dir)) for a in arguments]
     done = subprocess.run([sys.executable, "-m", "fp8ctx", *arguments], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("fp8ctx: error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_negative_row_count_is_a_usage_error():
+    done = subprocess.run([sys.executable, "-m", "fp8ctx", "report", "--rows", "-1"], capture_output=True, text=True)
+    assert done.returncode == 2 and "expected a count of 0 or more" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_error_raised_by_the_model_is_one_line(monkeypatch, capsys):
+    from fp8ctx.integrations import _loading
+
+    def failing_run(model):
+        raise RuntimeError("shape mismatch in the model's own code")
+
+    subject = _loading.Subject("toy", nn.Linear(4, 4), failing_run)
+    before = snapshot(subject.model)
+    monkeypatch.setattr(_loading, "load_subjects", lambda *args: [subject])
+    assert main(["report", "/anything"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fp8ctx: error: RuntimeError: shape mismatch in the model's own code (--verbose shows the traceback)"]
+    assert_restored(subject.model, before)

@@ -81,6 +81,45 @@ def test_a_corrupted_restore_is_reported(monkeypatch):
     assert fp8ctx.report(model, x).restored_exactly is False
 
 
+def test_models_in_training_mode_are_compared_in_eval_mode_and_left_in_their_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, 4)).train()
+    model[1].register_buffer("complex_state", torch.randn(3, dtype=torch.complex128))  # any buffer dtype
+    x = torch.randn(8, 16)
+    before = snapshot(model)
+    result = fp8ctx.report(model, x, granularity="channel")
+    assert result.restored_exactly is True  # the batch-norm statistics did not move
+    assert_restored(model, before)
+    assert all(module.training for module in model.modules())
+    with torch.no_grad():
+        expected = fake_quantized_copy(model, "channel").eval()(x)
+    assert result.output.cosine > 0.99  # no dropout noise in the comparison
+    assert result.output.relative_l2 == pytest.approx(
+        float((expected - model.eval()(x)).norm() / model(x).norm()), rel=1e-3
+    )
+
+
+def test_a_store_that_does_not_fit_is_refused_before_anything_runs():
+    model, x = model_and_input()
+    other = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 5), nn.Linear(5, 5)).to(torch.bfloat16)
+    with pytest.raises(fp8ctx.FP8Error, match="3.weight"):
+        fp8ctx.report(model, x, store=fp8ctx.FP8Store.from_module(other))
+    narrower = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 4)).to(torch.bfloat16)
+    with pytest.raises(fp8ctx.FP8Error, match="2.weight"):
+        fp8ctx.report(model, x, store=fp8ctx.FP8Store.from_module(narrower))
+    with pytest.raises(fp8ctx.FP8Error, match="granularity"):
+        fp8ctx.report(model, x, store=fp8ctx.FP8Store.from_module(model), granularity="block")
+
+
+def test_to_dict_is_strict_json_when_a_weight_is_held_exactly():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.zero_()  # FP8 holds zeros exactly: infinite SQNR
+    data = fp8ctx.report(model, torch.randn(2, 8)).to_dict()
+    assert data["layers"][0]["sqnr_db"] is None and data["layers"][1]["sqnr_db"] > 20
+    json.dumps(data, allow_nan=False)
+
+
 def test_table_html_dict_and_pandas():
     model, x = model_and_input()
     result = fp8ctx.report(model, x, granularity="block", block_size=16)

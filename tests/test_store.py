@@ -325,9 +325,22 @@ def test_loading_a_file_not_written_by_fp8ctx_raises(tmp_path):
 
     save_file({"weight": torch.zeros(2, 2)}, tmp_path / "plain.safetensors")
     save_file({"weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors", metadata={"format": "pt"})
-    for path in (tmp_path / "plain.safetensors", tmp_path / "other.safetensors"):
+    save_file({"weight": torch.zeros(2, 2)}, tmp_path / "half.safetensors", metadata={"fp8ctx.layouts": "{}"})
+    for path in ("plain", "other", "half"):
         with pytest.raises(FP8Error, match="not an fp8ctx store"):
-            FP8Store.load(path)
+            FP8Store.load(tmp_path / f"{path}.safetensors")
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "pickled.pt")
+    with pytest.raises(FP8Error, match="not a safetensors file"):
+        FP8Store.load(tmp_path / "pickled.pt")
+    with pytest.raises(FileNotFoundError):
+        FP8Store.load(tmp_path / "missing.safetensors")
+
+
+def test_stores_compare_by_identity():
+    model = nn.Linear(8, 8)
+    store, again = FP8Store.from_module(model), FP8Store.from_module(model)
+    assert store == store and store != again  # no tensor truth-value error from Mapping's ==
+    assert len({store, again, store}) == 2
 
 
 def test_non_float_weights_are_skipped():

@@ -60,16 +60,51 @@ def vae_runner(vae: nn.Module, device: torch.device, dtype: torch.dtype, size: i
     return lambda model: model.decode(latent).sample
 
 
-def text_runner(model: nn.Module, tokenizer: Any, device: torch.device) -> Callable[[nn.Module], Any]:
-    """Run the encoder on two fixed sentences (or, without a tokenizer, fixed random token ids)."""
+def text_runner(model: nn.Module, tokenizer: Any, device: torch.device) -> Callable[[nn.Module], Any] | None:
+    """Run the encoder on two fixed sentences (or, without a tokenizer, fixed random token ids).
+
+    Returns None for a model that takes no token ids (a vision tower, say): it is reported by its weights.
+    """
+    config = getattr(model.config, "text_config", model.config)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None:
+        return None
     if tokenizer is not None:
+        if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; the two sentences need padding
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         batch = tokenizer(list(SENTENCES), return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if int(inputs["input_ids"].max()) >= int(vocab_size):
+            raise FP8Error(
+                f"the tokenizer beside {type(model).__name__} yields ids up to {int(inputs['input_ids'].max())} but the "
+                f"model's vocabulary has {vocab_size}: they do not belong together"
+            )
     else:
-        config = getattr(model.config, "text_config", model.config)
-        ids = torch.randint(0, int(config.vocab_size), (2, 24), generator=_seeded(device))
+        ids = torch.randint(0, int(vocab_size), (2, 24), generator=_seeded(device))
         inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        # T5-style models: the encoder alone is what a pipeline's text encoder runs
+        return lambda m: m.get_encoder()(**inputs)
     return lambda m: m(**inputs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FP8Error(f"{str(path)!r} is not readable JSON: {error}") from None
+    if not isinstance(content, dict):
+        raise FP8Error(f"{str(path)!r} holds a JSON {type(content).__name__}, expected an object")
+    return content
+
+
+def _is_module_class(library: str, name: str) -> bool:
+    """Whether a pipeline entry is a model (tokenizers, schedulers and image processors are not)."""
+    try:
+        cls = getattr(__import__(library), name, None)
+    except ImportError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, nn.Module)
 
 
 def _library_class(library: str, name: str) -> Any:
@@ -114,8 +149,13 @@ def load_subjects(
         raise FP8Error(f"MODEL_DIR {directory!r} is not a directory")
     index = path / "model_index.json"
     if index.exists():
-        entries = {k: v for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and len(v) == 2}
-        modules = {k: v for k, v in entries.items() if v[0] in ("diffusers", "transformers") and (path / k).is_dir()}
+        listing = _read_json(index)
+        entries = {k: v for k, v in listing.items() if isinstance(v, list) and len(v) == 2}
+        modules = {
+            k: v
+            for k, v in entries.items()
+            if v[0] in ("diffusers", "transformers") and (path / k).is_dir() and _is_module_class(*v)
+        }
         wanted = components or [name for name in ("vae", "text_encoder") if name in modules]
         unknown = [name for name in wanted if name not in modules]
         if unknown or not wanted:
@@ -127,10 +167,12 @@ def load_subjects(
                 subjects.append(_load_diffusers_model(path / name, class_name, device, dtype))
             else:
                 subjects.append(_load_transformers_model(path / name, device, dtype, class_name))
-            if library == "transformers" and (path / "tokenizer").is_dir():
+            # text_encoder pairs with tokenizer, text_encoder_2 with tokenizer_2 (SDXL, Flux)
+            tokenizer_dir = path / name.replace("text_encoder", "tokenizer")
+            if library == "transformers" and name.startswith("text_encoder") and tokenizer_dir.is_dir():
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
                 subjects[-1].run = text_runner(subjects[-1].model, tokenizer, device)
         return subjects
     if components:
@@ -138,7 +180,7 @@ def load_subjects(
     config_path = path / "config.json"
     if not config_path.exists():
         raise FP8Error(f"{str(path)!r} has no config.json or model_index.json: not a diffusers/transformers directory")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
     if "_class_name" in config:
         return [_load_diffusers_model(path, config["_class_name"], device, dtype)]
     if "model_type" in config:
