@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from torch import nn
 
 import _models
@@ -106,3 +107,25 @@ def test_an_error_raised_by_the_model_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fp8ctx: error: RuntimeError: shape mismatch in the model's own code (--verbose shows the traceback)"]
     assert_restored(subject.model, before)
+
+
+def test_an_encoder_decoder_directory_runs_its_encoder(tmp_path, capsys):
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=128, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    T5Model(config).save_pretrained(tmp_path / "t5")
+    assert main(["report", str(tmp_path / "t5"), "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "output vs unquantized" in out and "restored bit-exact after the block: yes" in out
+
+
+def test_a_tokenizer_without_a_pad_token_still_gives_an_input():
+    from fp8ctx.integrations._loading import text_runner
+
+    model = _models.qwen25vl()
+    tokenizer = _models.local_qwen_tokenizer()
+    tokenizer.pad_token = None  # as GPT-2 style tokenizers come
+    run = text_runner(model, tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        assert run(model).logits.shape[0] == 2  # both sentences, padded to one length
