@@ -189,7 +189,7 @@ def _number(value: float | None, spec: str) -> str:
     if value is None:
         return "-"
     if math.isinf(value):
-        return "inf"
+        return "inf" if value > 0 else "-inf"
     return format(value, spec)
 
 
@@ -225,7 +225,9 @@ def _first_tensor(output: Any) -> torch.Tensor:
 def _compare(actual: torch.Tensor, expected: torch.Tensor) -> OutputReport:
     a, e = actual.double().flatten(), expected.double().flatten()
     relative = ((a - e).norm() / e.norm()).item() if e.norm() > 0 else float((a - e).norm())
-    cosine = torch.nn.functional.cosine_similarity(a, e, dim=0).item()
+    # two all-zero outputs are the same output; cosine_similarity would call them orthogonal
+    both_zero = a.numel() and not a.any() and not e.any()
+    cosine = 1.0 if both_zero else torch.nn.functional.cosine_similarity(a, e, dim=0).item()
     max_abs = (a - e).abs().max().item() if a.numel() else 0.0
     psnr = None
     if expected.dim() >= 4:  # images (B, C, H, W) and videos (B, C, T, H, W)

@@ -120,12 +120,19 @@ def find_targets(module: nn.Module, layers: Any = DEFAULT_LAYERS, exclude: Exclu
     layers = _check_layers(layers)
     rules = _check_exclude(exclude)
     canonical = {id(p): name for name, p in module.named_parameters()}
+    # a weight tied to an excluded layer (lm_head tied to the embedding) stays dense: the exclusion wins
+    excluded = {
+        id(p)
+        for layer_name, layer in module.named_modules()
+        if rules and _excluded(layer_name, layer, rules)
+        for p in layer.parameters(recurse=False)
+    }
     chosen: dict[int, Target] = {}
     for layer_name, layer in module.named_modules():
-        if not isinstance(layer, layers) or _excluded(layer_name, layer, rules):
+        if not isinstance(layer, layers):
             continue
         weight = dict(layer.named_parameters(recurse=False)).get("weight")
-        if weight is None or id(weight) in chosen:
+        if weight is None or id(weight) in chosen or id(weight) in excluded:
             continue
         name = canonical[id(weight)]
         if isinstance(weight, FP8Tensor):

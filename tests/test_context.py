@@ -349,6 +349,17 @@ def test_exclude_by_pattern_and_predicate():
         assert not isinstance(held(model.proj), FP8Tensor)
 
 
+def test_excluding_one_side_of_a_tied_weight_keeps_it_dense():
+    model = toy(tie=True)  # head.weight is embed.weight
+    layers = (*fp8ctx.DEFAULT_LAYERS, nn.Embedding)
+    assert "embed.weight" in fp8ctx.FP8Store.from_module(model, layers=layers)
+    before = snapshot(model)
+    with fp8_weights(model, layers=layers, exclude=["head"]) as store:
+        assert "embed.weight" not in store and "proj.weight" in store
+        assert held(model.head) is held(model.embed) and not isinstance(held(model.head), FP8Tensor)
+    assert_restored(model, before)
+
+
 def test_store_is_reused_without_requantizing(monkeypatch):
     from fp8ctx import _numerics
 

@@ -226,12 +226,14 @@ def slots(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
 
 
 def expected_targets(model: nn.Module, opts: Options) -> dict[int, int]:
-    """id(weight) -> its channel axis, for every weight the options select (a tied weight once)."""
+    """id(weight) -> its channel axis, for every weight the options select (a tied weight once, and not at
+    all when any layer sharing it is excluded)."""
     layers = LAYER_CHOICES[opts.layers]
+    excluded = {id(p) for name, layer in model.named_modules() if opts.excludes(name, layer) for p in layer._parameters.values()}
     chosen: dict[int, int] = {}
     for name, layer in model.named_modules():
         weight = layer._parameters.get("weight")
-        if weight is None or not isinstance(layer, layers) or opts.excludes(name, layer) or id(weight) in chosen:
+        if weight is None or not isinstance(layer, layers) or id(weight) in excluded or id(weight) in chosen:
             continue
         chosen[id(weight)] = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
     return chosen

@@ -120,6 +120,14 @@ def test_to_dict_is_strict_json_when_a_weight_is_held_exactly():
     json.dumps(data, allow_nan=False)
 
 
+def test_identical_all_zero_outputs_are_reported_as_identical():
+    model = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    result = fp8ctx.report(model, torch.randn(3, 8))
+    assert result.output.cosine == 1.0 and result.output.relative_l2 == 0.0
+
+
 def test_table_html_dict_and_pandas():
     model, x = model_and_input()
     result = fp8ctx.report(model, x, granularity="block", block_size=16)
