@@ -81,6 +81,7 @@ def _report(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             block_size=args.block_size,
             storage_dtype=STORAGE_DTYPES[args.storage_dtype],
+            progress_bar=None if sys.stderr.isatty() else False,  # no bar frames in logs and pipes
         )
         results.append(result)
         print(f"== {subject.title}")
