@@ -137,7 +137,10 @@ class _FP8Weights:
                 bar = self._progress_bar if given is None else False  # nothing to wait for when reusing a store
                 for target in progress(targets, "fp8ctx: quantizing", bar):
                     entry = given[target.name] if given is not None else quantize_target(target, self._config)
-                    stand_in = entry if self._compute == "weight_only" else entry.with_compute(self._compute)
+                    # a store the caller passed in gets a fresh wrapper in each slot (same codes and scales), so
+                    # that module.half() or .to() inside the block converts the wrapper, not the caller's store
+                    fresh = given is not None or self._compute != "weight_only"
+                    stand_in = entry.with_compute(self._compute) if fresh else entry
                     for owner, attribute in slots[id(target.param)]:
                         journal.swap(owner, attribute, stand_in)
                     if self._originals == "cpu":
@@ -323,7 +326,7 @@ def functional_call(
     try:
         for target in targets:
             entry = store[target.name]
-            stand_in = entry if compute == "weight_only" else entry.with_compute(compute)
+            stand_in = entry.with_compute(compute)  # a fresh wrapper: conversions inside leave the store alone
             for owner, attribute in slots[id(target.param)]:
                 journal.swap(owner, attribute, stand_in)
         return module(*args, **(kwargs or {}))

@@ -6,7 +6,8 @@ Scale convention (the only one in fp8ctx): **a stored value is multiplied by its
     q     = clamp(w / scale, -max, max).to(storage_dtype)
     w'    = (q.to(float32) * scale).to(dtype)
 
-A group whose amax is 0 gets scale 1, so an all-zero weight comes back as exact zeros, never NaN.
+A group whose scale would be 0 (all zeros, or an amax so small that the division underflows) gets scale 1, so
+such a weight comes back as exact zeros, never NaN.
 
 Groups are defined on the *channel-first* view of a weight: the output-channel axis moved to the front
 (axis 0 for Linear, Conv and Embedding weights, axis 1 for ConvTranspose weights).
@@ -120,9 +121,10 @@ def compute_scale(
     else:
         amax = _padded_tiles(_to_2d(magnitude, channel_axis), block_size).amax(dim=(2, 3))
     scale = amax / torch.finfo(storage_dtype).max
-    # an all-zero group would give 0/0 = NaN on quantize; scale 1 keeps its zeros exact.
+    # a zero scale (an all-zero group, or amax so tiny that amax / max underflows float32) would give 0/0 = NaN
+    # on quantize; scale 1 keeps such a group's values, which round to zero in FP8 anyway, finite.
     # NaN/Inf amax stays in the scale, so callers can reject such a weight by checking the (small) scale
-    return torch.where(amax == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 @torch.no_grad()

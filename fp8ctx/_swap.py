@@ -43,16 +43,31 @@ def _placeholder(param: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), float("nan"), dtype=param.dtype, device=param.device).expand(param.shape)
 
 
-def _follow_conversion(original: torch.Tensor | None, current: torch.Tensor) -> None:
-    """Apply to ``original`` a ``module.to(device / dtype)`` that happened to its stand-in inside the block.
+def _follow_conversion(original: torch.Tensor | None, current: torch.Tensor, layout_at_swap: tuple[int, ...]) -> None:
+    """Apply to ``original`` a ``module.to(device / dtype / memory_format)`` that happened to its stand-in
+    inside the block.
 
     The stand-in's FP8 codes moved (see ``FP8Tensor``); the original Parameter, same object, gets the
     same move, so after the block the model is where the user put it, with the original values.
     """
-    if original is None or (original.device == current.device and original.dtype == current.dtype):
+    relaid = current.stride() != layout_at_swap
+    if original is None or (original.device == current.device and original.dtype == current.dtype and not relaid):
         return
     with torch.no_grad():
-        original.data = original.data.to(device=current.device, dtype=current.dtype)
+        moved = original.data.to(device=current.device, dtype=current.dtype)
+        if relaid:  # module.to(memory_format=...) inside the block
+            moved = moved.contiguous(memory_format=_memory_format(current))
+        original.data = moved
+        if original.grad is not None:  # as nn.Module._apply does: a gradient follows its parameter
+            original.grad = original.grad.to(device=current.device, dtype=current.dtype)
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class Journal:
@@ -76,11 +91,12 @@ class Journal:
     def swap(self, module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
         """Put ``tensor`` in ``module._parameters[attribute]`` (no hooks fire, no attribute is added)."""
         original = module._parameters[attribute]
+        layout_at_swap = tensor.stride()
 
         def put_back() -> None:
             current = module._parameters[attribute]
             if current is tensor:
-                _follow_conversion(original, current)
+                _follow_conversion(original, current, layout_at_swap)
             else:
                 logger.warning(
                     "fp8ctx: %s.%s was reassigned inside the block; the original Parameter is put back",

@@ -9,6 +9,7 @@ no caller ever sees raw FP8 codes. Writes into it raise: an FP8 weight is read-o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -218,10 +219,16 @@ class FP8Tensor(torch.Tensor):
         args, kwargs = tree_map_only(FP8Tensor, FP8Tensor.dequantize, (args, kwargs))
         out = func(*args, **kwargs)
         if func.is_view:
-            # a view of the temporary dense copy: writes through it would be lost, so they must raise
-            out = out.as_subclass(ReadOnlyView)
-            out.fp8_source = source.param_name
+            # views of the temporary dense copy (one, or a list from split/unbind/chunk): writes through
+            # them would be lost, so they must raise
+            out = tree_map_only(torch.Tensor, lambda view: _read_only(view, source.param_name), out)
         return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FP8Tensor:
+        # copy.deepcopy(model) inside the block: the copy holds its own FP8 codes and scales
+        copied = _as_parameter(self._rewrap(copy.deepcopy(self._data, memo), copy.deepcopy(self._scale, memo)))
+        memo[id(self)] = copied
+        return copied
 
 
 class ReadOnlyView(torch.Tensor):
@@ -234,7 +241,27 @@ class ReadOnlyView(torch.Tensor):
         kwargs = kwargs or {}
         _refuse_python_writes(func, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        source = next((a for a in args if isinstance(a, ReadOnlyView)), None)
+        if source is None:
+            return out
+        # a view of a view (w.T[0], w.view(-1).view(2, -1)) is just as read-only
+        return tree_map_only(
+            torch.Tensor, lambda t: _read_only(t, source.fp8_source) if _shares_storage(t, source) else t, out
+        )
+
+
+def _read_only(view: torch.Tensor, weight_name: str) -> ReadOnlyView:
+    marked = view.as_subclass(ReadOnlyView)
+    marked.fp8_source = weight_name
+    return marked
+
+
+def _shares_storage(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    try:
+        return tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, fake) hold no values to protect
+        return False
 
 
 # in-place Python operators; other in-place methods end in a single underscore
@@ -252,6 +279,8 @@ def _refuse_python_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         name.endswith("_") and not name.endswith("__") and name not in _HARMLESS_INPLACE
     )
     out = kwargs.get("out")
+    if name == "__set__" and getattr(func, "__self__", None) is torch.Tensor.data:
+        in_place = True  # `weight.data = t` would replace the held weight's values behind the context's back
     if not in_place and out is None:  # reads (property getters included) are the common case: no flattening
         return
     targets = [args[0]] if in_place and args else []
@@ -260,11 +289,15 @@ def _refuse_python_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     for target in targets:
         if isinstance(target, (FP8Tensor, ReadOnlyView)):
             weight = target.param_name if isinstance(target, FP8Tensor) else target.fp8_source
-            raise FP8Error(
-                f"{name or func} would write into weight {weight!r}, which is held as FP8 inside fp8_weights(); "
-                "a write could only reach a temporary dequantized copy. Modify the weight outside the block, "
-                "or leave this layer out with exclude=."
-            )
+            raise _write_error(name or func, weight)
+
+
+def _write_error(operation: Any, weight: str) -> FP8Error:
+    return FP8Error(
+        f"{operation} would write into weight {weight!r}, which is held as FP8 inside fp8_weights(); a write could "
+        "only reach a temporary dequantized copy. Modify the weight outside the block, leave this layer out with "
+        "exclude=, or write into a dense copy (weight.dequantize() or weight.clone())."
+    )
 
 
 def _flat(args: Any, kwargs: Any) -> list[Any]:
@@ -286,6 +319,10 @@ def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = No
     data, scale = source._data, source._scale
     if device is not None:
         data, scale = data.to(device, non_blocking=non_blocking), scale.to(device, non_blocking=non_blocking)
+    memory_format = options.get("memory_format")
+    if memory_format not in (None, torch.preserve_format):
+        # module.to(memory_format=torch.channels_last): the codes take the layout; the originals follow on exit
+        data = data.contiguous(memory_format=memory_format)
     return source._rewrap(data, scale, dtype)
 
 
@@ -296,11 +333,7 @@ def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             continue
         value = args[position] if position < len(args) else kwargs.get(argument.name)
         if isinstance(value, FP8Tensor):
-            raise FP8Error(
-                f"{func} would write into weight {value.param_name!r}, which is held as FP8 inside fp8_weights(); "
-                "a write could only reach a temporary dequantized copy. Modify the weight outside the block, "
-                "or leave this layer out with exclude=."
-            )
+            raise _write_error(func, value.param_name)
 
 
 def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:

@@ -360,6 +360,20 @@ def test_excluding_one_side_of_a_tied_weight_keeps_it_dense():
     assert_restored(model, before)
 
 
+def test_conversions_inside_leave_a_given_store_as_it_was():
+    model, twin = toy(torch.float32), toy(torch.float32)
+    store = FP8Store.from_module(model, granularity="channel")
+    x = ids()
+    with torch.no_grad():
+        expected = functional_call(twin, store, (x,))
+        with fp8_weights(model, store=store):
+            model.half()
+            held(model.proj).requires_grad_(True)
+        assert all(entry.dtype == torch.float32 and not entry.requires_grad for entry in store.values())
+        assert model.proj.weight.dtype == torch.float16  # the model itself took the conversion
+        torch.testing.assert_close(functional_call(twin, store, (x,)), expected, rtol=0, atol=0)
+
+
 def test_store_is_reused_without_requantizing(monkeypatch):
     from fp8ctx import _numerics
 
@@ -369,7 +383,7 @@ def test_store_is_reused_without_requantizing(monkeypatch):
     monkeypatch.setattr(_numerics, "quantize", lambda *a, **k: calls.append(1))
     before = snapshot(model)
     with fp8_weights(model, store=store) as same:
-        assert same is store and held(model.proj) is store["proj.weight"]
+        assert same is store and held(model.proj).qdata is store["proj.weight"].qdata  # the store's own codes
     assert calls == []
     assert_restored(model, before)
     with pytest.raises(FP8Error, match="granularity"):

@@ -98,6 +98,25 @@ def test_module_to_dtype_inside_keeps_fp8_and_converts_the_originals_on_exit(tar
         assert torch.equal(p, originals[name].to(target))  # what module.to() does to the original values
 
 
+def test_channels_last_and_gradients_follow_a_conversion_made_inside():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    model(torch.randn(1, 3, 8, 8)).sum().backward()  # the parameters carry gradients into the block
+    objects = {name: p for name, p in model.named_parameters()}
+    originals = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad(), fp8_weights(model, granularity="channel") as store:
+        expected = model(x)
+        model.to(memory_format=torch.channels_last).double()
+        assert store["0.weight"].qdata.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x.double().to(memory_format=torch.channels_last)).float(), expected)
+    for name, p in model.named_parameters():
+        assert p is objects[name] and p.dtype == torch.float64 and torch.equal(p, originals[name].double())
+        assert p.grad is not None and p.grad.dtype == torch.float64  # as module.double() does outside a block
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_accelerate_offloaded_model_is_refused_clearly():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))

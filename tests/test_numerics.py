@@ -67,6 +67,16 @@ def test_all_zero_groups_give_exact_zeros_not_nan(granularity, storage):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_groups_too_small_for_a_float32_scale_give_zeros_not_nan(granularity):
+    weight = torch.randn(8, 8)
+    weight[:4] = torch.randn(4, 8) * 1e-44  # float32 subnormals: amax / 448 underflows to zero
+    assert (weight[:4] != 0).any()
+    _, scale, restored = qdq(weight, granularity, 4, torch.float8_e4m3fn, 0)
+    assert torch.isfinite(scale).all() and torch.isfinite(restored).all()
+    assert restored[:4].abs().max() <= weight[:4].abs().max()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_nan_and_inf_show_up_in_the_scale(granularity):
     for bad in (float("nan"), float("inf")):
         weight = torch.randn(6, 6)

@@ -72,8 +72,8 @@ def test_a_corrupted_restore_is_reported(monkeypatch):
     model, x = model_and_input()
     real = _swap._follow_conversion
 
-    def sabotage(original, current):
-        real(original, current)
+    def sabotage(original, current, *layout):
+        real(original, current, *layout)
         with torch.no_grad():
             original.view(-1)[0] += 1  # what a buggy restore would do
 

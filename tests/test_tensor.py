@@ -205,6 +205,12 @@ VIEW_WRITES = {
     "view().add_": lambda w: w.view(-1).add_(1.0),
     "T.zero_": lambda w: w.T.zero_(),
     "data[0,0]=": lambda w: w.data.__setitem__((0, 0), 5.0),
+    "T[0].mul_": lambda w: w.T[0].mul_(2.0),
+    "view().view().add_": lambda w: w.view(-1).view(2, -1).add_(1.0),
+    "split()[0].zero_": lambda w: w.split(2)[0].zero_(),
+    "unbind()[1].fill_": lambda w: w.unbind(0)[1].fill_(3.0),
+    "chunk()[0][0]=": lambda w: w.chunk(3)[0].__setitem__(0, 1.0),
+    "data=": lambda w: setattr(w, "data", torch.zeros(w.shape, dtype=w.dtype)),
 }
 
 
@@ -225,6 +231,42 @@ def test_writes_through_views_raise_instead_of_being_lost(write):
             else:
                 changed = not torch.equal(w.dequantize(), expected)
                 pytest.fail(f"the write neither raised nor {'reached' if changed else 'changed'} the weight")
+
+
+def test_split_unbind_and_chunk_give_the_dequantized_pieces():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6)).bfloat16()
+    expected = reference_qdq(model[0].weight)
+    with fp8_weights(model):
+        w = model[0].weight
+        for pieces, reference in ((w.split(2), expected.split(2)), (w.unbind(0), expected.unbind(0)), (w.chunk(3), expected.chunk(3))):
+            assert all(torch.equal(piece, ref) for piece, ref in zip(pieces, reference, strict=True))
+
+
+def test_a_converted_copy_says_how_to_get_a_writable_one():
+    model = nn.Sequential(nn.Linear(4, 6)).bfloat16()
+    with fp8_weights(model):
+        copy = model[0].weight.float()  # still FP8 storage: module.float() inside the block relies on it
+        with pytest.raises(FP8Error, match=r"dequantize\(\) or weight\.clone\(\)"):
+            copy.mul_(2)
+        writable = model[0].weight.clone()
+        writable.mul_(2)  # a dense copy is the user's own
+
+
+def test_deepcopy_inside_the_block_copies_the_fp8_weights():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)).bfloat16()
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with torch.no_grad(), fp8_weights(model) as store:
+        twin = copy.deepcopy(model)
+        expected = model(x)
+        assert isinstance(twin[0].weight, FP8Tensor) and twin[0].weight.qdata is not store["0.weight"].qdata
+        assert torch.equal(twin(x), expected)
+    with torch.no_grad():
+        assert torch.equal(twin(x), expected)  # the copy keeps its own FP8 weights after the block
+    assert type(model[0].weight) is nn.Parameter
 
 
 # -- aliases keep the FP8 form ------------------------------------------------------------------------------
