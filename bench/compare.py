@@ -259,14 +259,15 @@ def measure_case(dev: Dev, wl, case, method: M.Method, model, inp, ref: dict, is
         "out_rms": (out_c.pow(2).mean().sqrt().item() if out_c.numel() else None),
         "out_finite": bool(torch.isfinite(out_c).all().item()),
     }
-    if dev.cuda and wl.graph_calls and method.graph_unsafe:
-        r["graph_error"] = f"not captured: {method.graph_unsafe}"
-    elif dev.cuda and wl.graph_calls:
-        try:
-            r["graph_ms"] = dev.time_graph(fwd, wl.graph_calls)
-        except Exception as e:  # a forward that syncs with the host cannot be captured
-            r["graph_error"] = _short_err(e)
-            dev.cleanup()
+    if dev.cuda and wl.graph_calls:
+        if method.graph_unsafe:
+            r["graph_error"] = f"not captured: {method.graph_unsafe}"
+        else:
+            try:
+                r["graph_ms"] = dev.time_graph(fwd, wl.graph_calls)
+            except Exception as e:  # a forward that syncs with the host cannot be captured
+                r["graph_error"] = _short_err(e)
+                dev.cleanup()
     if is_ref:
         ref[case.name] = out_c
         r["rel_l2_err"] = 0.0

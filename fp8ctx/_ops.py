@@ -96,7 +96,7 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
         return _with_dense_weight(F.linear, input, weight, bias)
     layout = weight.fp8_layout
     run = kernels.fp8_linear if weight.compute == "fp8" else kernels.linear
-    return run(input, weight._data, weight._scale, weight.compute_dtype, layout.granularity, layout.block_size, bias)
+    return run(input, weight.qdata, weight.scale, weight.compute_dtype, layout.granularity, layout.block_size, bias)
 
 
 def _convolution(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,7 +135,7 @@ def _embedding(
     layout = weight.fp8_layout
     # padding_idx and scale_grad_by_freq only shape the weight's gradient, which FP8 weights never get
     return kernels.embedding(
-        input, weight._data, weight._scale, weight.compute_dtype, layout.granularity, layout.block_size
+        input, weight.qdata, weight.scale, weight.compute_dtype, layout.granularity, layout.block_size
     )
 
 

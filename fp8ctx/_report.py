@@ -314,8 +314,9 @@ def report(
     if store is not None:
         # the same checks fp8_weights(model, store=store) makes, before anything is computed from the store
         check_stores(store, 1, FP8Config(storage_dtype, granularity, block_size), layers, exclude)
-        targets_from_store(model, store)
+        targets = targets_from_store(model, store)
     else:
+        targets = find_targets(model, layers, exclude)
         store = FP8Store.from_module(
             model,
             storage_dtype=storage_dtype,
@@ -325,16 +326,14 @@ def report(
             exclude=exclude,
             progress_bar=progress_bar,
         )
-    layer_types = {t.name: type(model.get_submodule(t.layer)).__name__ for t in find_targets(model, layers, exclude)}
-    params = dict(model.named_parameters())
     rows = []
-    for name, entry in store.items():
-        original = params[name]
+    for target in targets:
+        original, entry = target.param, store[target.name]
         sqnr, relative = _weight_error(original, entry.dequantize())
         rows.append(
             LayerReport(
-                name,
-                layer_types.get(name, type(model.get_submodule(name.rpartition(".")[0])).__name__),
+                target.name,
+                type(model.get_submodule(target.layer)).__name__,
                 tuple(original.shape),
                 original.numel() * original.element_size(),
                 entry.nbytes,
