@@ -1,0 +1,139 @@
+"""The quantization scheme of one FP8 weight, as a single typed object.
+
+Every numerics and kernel function takes an :class:`FP8Layout` whole: the storage format, how scales are
+grouped (the one place that spells the three granularities), the block edge and the output-channel axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._errors import FP8Error
+
+__all__ = ["FP8Layout", "Granularity", "STORAGE_DTYPES", "parse_storage_dtype"]
+
+STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# the short spellings the CLI and file metadata use, beside torch's own names
+_STORAGE_NAMES = {
+    "e4m3": torch.float8_e4m3fn,
+    "e5m2": torch.float8_e5m2,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def parse_storage_dtype(value: object, option: str = "storage_dtype") -> torch.dtype:
+    """``torch.float8_e4m3fn`` / ``torch.float8_e5m2``, or one of their names (``"e4m3"``, ``"float8_e5m2"``).
+
+    Raises:
+        FP8Error: anything else (names ``option`` and the accepted values).
+    """
+    if isinstance(value, torch.dtype) and value in STORAGE_DTYPES:
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _STORAGE_NAMES:
+        return _STORAGE_NAMES[value.removeprefix("torch.")]
+    raise FP8Error(
+        f"{option} must be torch.float8_e4m3fn or torch.float8_e5m2 (or 'e4m3' / 'e5m2'), got {value!r}"
+    )
+
+
+def storage_name(dtype: torch.dtype) -> str:
+    """The short name of a storage dtype (``"e4m3"`` or ``"e5m2"``), as files and the CLI spell it."""
+    return "e4m3" if dtype == torch.float8_e4m3fn else "e5m2"
+
+
+class Granularity(str, enum.Enum):
+    """How a weight's scales are grouped (on its channel-first 2-D view ``(C, K)``)."""
+
+    TENSOR = "tensor"  # one scale, shape ()
+    CHANNEL = "channel"  # one per output channel, shape (C,)
+    BLOCK = "block"  # one per block_size x block_size tile, shape (ceil(C/B), ceil(K/B))
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: object) -> Granularity:
+        try:
+            return cls(value)
+        except ValueError:
+            raise FP8Error(
+                f"granularity must be one of {[g.value for g in cls]}, got {value!r}"
+            ) from None
+
+    @property
+    def kernel_code(self) -> int:
+        """The integer the Triton kernels branch on (a ``tl.constexpr``)."""
+        return _KERNEL_CODES[self]
+
+
+_KERNEL_CODES = {Granularity.TENSOR: 0, Granularity.CHANNEL: 1, Granularity.BLOCK: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Layout:
+    """The scheme one FP8 weight is stored in.
+
+    Args:
+        granularity: a :class:`Granularity` or its name (``"tensor"``, ``"channel"``, ``"block"``).
+        block_size: tile edge for ``"block"`` (a positive int; ignored otherwise).
+        channel_axis: the output-channel axis of the weight (0 for Linear/Conv/Embedding, 1 for
+            ConvTranspose weights).
+        storage_dtype: ``torch.float8_e4m3fn`` (default) or ``torch.float8_e5m2``.
+
+    Raises:
+        FP8Error: a field outside those values (names the field).
+
+    Example:
+        >>> layout = FP8Layout("block", block_size=64)
+        >>> layout.granularity, layout.scale_shape((200, 100))
+        (<Granularity.BLOCK: 'block'>, (4, 2))
+    """
+
+    granularity: Granularity = Granularity.TENSOR
+    block_size: int = 128
+    channel_axis: int = 0
+    storage_dtype: torch.dtype = torch.float8_e4m3fn
+
+    def __post_init__(self) -> None:
+        # frozen: normalise spelled-out values in place, once, at construction
+        object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
+        object.__setattr__(self, "storage_dtype", parse_storage_dtype(self.storage_dtype))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise FP8Error(f"block_size must be a positive int, got {self.block_size!r}")
+        if isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int) or self.channel_axis < 0:
+            raise FP8Error(f"channel_axis must be a non-negative int, got {self.channel_axis!r}")
+
+    @property
+    def fp8_max(self) -> float:
+        """The largest finite value of the storage format (448 for e4m3, 57344 for e5m2)."""
+        return float(torch.finfo(self.storage_dtype).max)
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the scale tensor for a weight of ``shape``."""
+        if self.granularity is Granularity.TENSOR:
+            return ()
+        channels = shape[self.channel_axis] if len(shape) > self.channel_axis else 1
+        if self.granularity is Granularity.CHANNEL:
+            return (channels,)
+        inner = math.prod(shape) // channels if channels else 0
+        return (math.ceil(channels / self.block_size), math.ceil(inner / self.block_size))
+
+    def replace(self, **changes: object) -> FP8Layout:
+        """A copy with some fields changed (validated like a new layout)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready fields (the file format's spelling)."""
+        return {
+            "granularity": self.granularity.value,
+            "block_size": self.block_size,
+            "channel_axis": self.channel_axis,
+            "storage_dtype": storage_name(self.storage_dtype),
+        }
