@@ -1,10 +1,10 @@
 """fp8ctx: run PyTorch models with their weights held in FP8 — scoped, lazy and exactly reversible."""
 
-from ._config import FP8Config
+from ._config import DEFAULT_LAYERS, FP8Config
 from ._context import fp8_weights, functional_call
 from ._errors import FP8Error
 from ._report import LayerReport, OutputReport, Report, report
-from ._store import DEFAULT_LAYERS, FP8Store
+from ._store import FP8Store
 from ._tensor import FP8Layout, FP8Tensor
 
 __version__ = "0.1.0"

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ._config import FP8Config
 from ._errors import FP8Error
 
 __all__ = ["main"]
 
-STORAGE_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--component", action="append", metavar="NAME", help="pipeline component (repeatable); default vae and text_encoder")
     report.add_argument("--granularity", choices=("tensor", "channel", "block"), default="channel")
     report.add_argument("--block-size", type=int, default=128)
-    report.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="e4m3")
+    report.add_argument("--storage-dtype", choices=("e4m3", "e5m2"), default="e4m3")
     report.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype the model is loaded in")
     report.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     report.add_argument("--rows", type=_count, default=12, help="layers shown, worst SQNR first (0: all)")
@@ -63,8 +63,9 @@ def _device(name: str) -> torch.device:
 
 def _report(args: argparse.Namespace) -> int:
     from ._report import report
-    from .integrations._loading import default_subjects, load_subjects
+    from .integrations.cli_models import default_subjects, load_subjects
 
+    config = FP8Config(args.storage_dtype, args.granularity, args.block_size)  # a bad --block-size fails here
     device = _device(args.device)
     dtype = DTYPES[args.dtype]
     if args.model_dir is None:
@@ -78,9 +79,7 @@ def _report(args: argparse.Namespace) -> int:
         result = report(
             subject.model,
             run=subject.run,
-            granularity=args.granularity,
-            block_size=args.block_size,
-            storage_dtype=STORAGE_DTYPES[args.storage_dtype],
+            config=config,
             progress_bar=None if sys.stderr.isatty() else False,  # no bar frames in logs and pipes
         )
         results.append(result)

@@ -12,9 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._config import FP8Config
-from ._context import check_stores, fp8_weights, targets_from_store
-from ._store import DEFAULT_LAYERS, Exclude, FP8Store, find_targets
+from ._config import Exclude, FP8Config
+from ._context import fp8_weights
+from ._options import check_originals, resolve, stores_for
+from ._plan import Plan
+from ._store import FP8Store
+from .integrations.outputs import first_tensor
 
 __all__ = ["LayerReport", "OutputReport", "Report", "report"]
 
@@ -79,11 +82,7 @@ class Report:
         exactly (+inf), are None."""
         data = {
             "model": self.model,
-            "config": {
-                "storage_dtype": str(self.config.storage_dtype).removeprefix("torch."),
-                "granularity": self.config.granularity,
-                "block_size": self.config.block_size,
-            },
+            "config": self.config.to_dict(),
             "layers": [dataclasses.asdict(row) for row in self.layers],
             "totals": {
                 "layers": len(self.layers),
@@ -204,23 +203,6 @@ def _weight_error(original: torch.Tensor, restored: torch.Tensor) -> tuple[float
     return sqnr, relative
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    """The main tensor of a model output (``sample``, ``last_hidden_state``, ``logits``, or the first one)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    for key in ("sample", "last_hidden_state", "logits", "latent", "latent_dist"):
-        value = getattr(output, key, None) if not isinstance(output, Mapping) else output.get(key)
-        if value is not None:
-            return value.mode() if hasattr(value, "mode") and not isinstance(value, torch.Tensor) else _first_tensor(value)
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for value in output:
-            if isinstance(value, torch.Tensor):
-                return value
-    raise TypeError(f"cannot find a tensor in the model output of type {type(output).__name__}; pass run= returning one")
-
-
 @torch.no_grad()
 def _compare(actual: torch.Tensor, expected: torch.Tensor) -> OutputReport:
     a, e = actual.double().flatten(), expected.double().flatten()
@@ -271,16 +253,20 @@ def report(
     inputs: Any = None,
     *,
     run: Callable[[nn.Module], Any] | None = None,
+    config: FP8Config | None = None,
     store: FP8Store | None = None,
-    storage_dtype: torch.dtype = torch.float8_e4m3fn,
-    granularity: str = "tensor",
-    block_size: int = 128,
-    layers: Any = DEFAULT_LAYERS,
+    storage_dtype: torch.dtype | str | None = None,
+    granularity: str | None = None,
+    block_size: int | None = None,
+    layers: Any = None,
     exclude: Exclude = None,
-    originals: str = "cpu",
+    compute: str | None = None,
+    originals: str | None = None,
     progress_bar: bool | None = None,
 ) -> Report:
     """Measure what FP8 storage does to ``model``: per-layer bytes and weight error, output error, restore.
+
+    Every option is checked before anything is quantized or run.
 
     Args:
         model: the model, or an :class:`FP8Store` alone (then only sizes are reported).
@@ -288,8 +274,10 @@ def report(
             With inputs (or ``run``), the model runs unquantized and inside :func:`fp8_weights`, and the
             outputs are compared.
         run: instead of ``inputs``, a function ``run(model) -> output`` (e.g. ``lambda vae: vae.decode(z)``).
-        store: a store to report on instead of quantizing with the options below.
-        storage_dtype, granularity, block_size, layers, exclude: as in :func:`fp8_weights`.
+        config: an :class:`FP8Config`; the keywords below that are given (not ``None``) replace its fields.
+        store: a store to report on instead of quantizing (options must not contradict it, as in
+            :func:`fp8_weights`).
+        storage_dtype, granularity, block_size, layers, exclude, compute: as in :class:`FP8Config`.
         originals: as in :func:`fp8_weights`, for the run with FP8 weights.
         progress_bar: tqdm while quantizing; default only for many layers.
 
@@ -297,7 +285,7 @@ def report(
         A :class:`Report`.
 
     Raises:
-        FP8Error: bad options (see :func:`fp8_weights`).
+        FP8Error: bad options, or a store that does not fit (see :func:`fp8_weights`).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
@@ -305,27 +293,31 @@ def report(
         >>> result.fp8_bytes < result.dense_bytes, result.restored_exactly
         (True, True)
     """
+    options = resolve(
+        config,
+        storage_dtype=storage_dtype,
+        granularity=granularity,
+        block_size=block_size,
+        layers=layers,
+        exclude=exclude,
+        compute=compute,
+    )
+    originals = check_originals(originals)
     if isinstance(model, FP8Store):
         rows = tuple(
             LayerReport(name, "?", tuple(entry.shape), entry.numel() * entry.element_size(), entry.nbytes, None, None)
             for name, entry in model.items()
         )
         return Report("FP8Store", model.config, rows, None, None)
-    if store is not None:
-        # the same checks fp8_weights(model, store=store) makes, before anything is computed from the store
-        check_stores(store, 1, FP8Config(storage_dtype, granularity, block_size), layers, exclude)
-        targets = targets_from_store(model, store)
+    stores_for(store, None, 1, options)
+    plan = Plan.make(model, options.config, store)
+    targets = plan.targets
+    if store is None:
+        store = FP8Store({target.name: entry for target, entry in plan.entries(progress_bar)})
+        held_config = options.config
     else:
-        targets = find_targets(model, layers, exclude)
-        store = FP8Store.from_module(
-            model,
-            storage_dtype=storage_dtype,
-            granularity=granularity,
-            block_size=block_size,
-            layers=layers,
-            exclude=exclude,
-            progress_bar=progress_bar,
-        )
+        # the scheme is the store's; the compute mode is the one asked for
+        held_config = store.config.replace(compute=options.config.compute)
     rows = []
     for target in targets:
         original, entry = target.param, store[target.name]
@@ -350,17 +342,17 @@ def report(
         model.eval()
         try:
             with torch.no_grad():
-                expected = _first_tensor(call(model)).detach().clone()
+                expected = first_tensor(call(model)).detach().clone()
                 before = _fingerprint(model)  # after the plain run: buffers it creates lazily are in
-                with fp8_weights(model, store=store, originals=originals):
-                    actual = _first_tensor(call(model)).detach().clone()
+                with fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
+                    actual = first_tensor(call(model)).detach().clone()
             restored = _fingerprint(model) == before
         finally:
             for module, training in modes:
                 module.training = training
         output = _compare(actual, expected)
         logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
-    return Report(type(model).__name__, store.config, tuple(rows), output, restored)
+    return Report(type(model).__name__, held_config, tuple(rows), output, restored)
 
 
 def _caller(inputs: Any) -> Callable[[nn.Module], Any]:

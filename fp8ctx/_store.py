@@ -1,194 +1,30 @@
-"""`FP8Store`: the FP8 weights of a module, built without touching it, reusable and savable."""
+"""`FP8Store`: the FP8 weights of a module as a mapping, and its safetensors file format."""
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import _numerics
+from . import _layout
 from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and Embedding that stored weights take)
-from ._config import FP8Config
+from ._config import Exclude, FP8Config
 from ._errors import FP8Error
+from ._options import resolve
+from ._plan import Plan
 from ._tensor import FP8Layout, FP8Tensor, make_fp8_tensor
 
-__all__ = ["DEFAULT_LAYERS", "FP8Store", "Target", "find_targets"]
+__all__ = ["FP8Store"]
 
 logger = logging.getLogger("fp8ctx")
 
-DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-"""Layer types targeted by default (subclasses included). Add ``nn.Embedding`` to quantize tables."""
-
-ExcludeRule = Union[str, Callable[[str, nn.Module], bool]]
-Exclude = Union[ExcludeRule, Iterable[ExcludeRule], None]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_PROGRESS_MIN_LAYERS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One weight to hold as FP8: its name in ``named_parameters()``, the object, and its layout."""
-
-    name: str
-    layer: str
-    param: nn.Parameter
-    channel_axis: int
-
-
-def _check_layers(layers: Any) -> tuple[type[nn.Module], ...]:
-    if isinstance(layers, type):
-        layers = (layers,)
-    try:
-        layers = tuple(layers)
-    except TypeError:
-        raise FP8Error(f"layers must be an nn.Module type or a tuple of them, got {layers!r}") from None
-    bad = [layer for layer in layers if not (isinstance(layer, type) and issubclass(layer, nn.Module))]
-    if bad or not layers:
-        raise FP8Error(
-            f"layers must be a non-empty tuple of nn.Module types (e.g. fp8ctx.DEFAULT_LAYERS + (nn.Embedding,)), "
-            f"got {bad or layers!r}"
-        )
-    return layers
-
-
-def _check_exclude(exclude: Exclude) -> tuple[ExcludeRule, ...]:
-    if exclude is None:
-        return ()
-    try:
-        rules = (exclude,) if isinstance(exclude, str) or callable(exclude) else tuple(exclude)
-    except TypeError:
-        rules = (exclude,)
-    for rule in rules:
-        if not (isinstance(rule, str) or callable(rule)):
-            raise FP8Error(
-                "exclude must be a name pattern (str, fnmatch style), a predicate (name, module) -> bool, "
-                f"or a list of those; got {rule!r}"
-            )
-    return rules
-
-
-def _excluded(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> bool:
-    for rule in rules:
-        if isinstance(rule, str):
-            # a pattern naming a parent excludes everything under it ("decoder" -> "decoder.conv_in")
-            if fnmatch.fnmatchcase(name, rule) or fnmatch.fnmatchcase(name, rule + ".*"):
-                return True
-        elif rule(name, module):
-            return True
-    return False
-
-
-def _channel_axis(layer: nn.Module) -> int:
-    # ConvTranspose weights are (in, out / groups, *kernel): their output channels live in dim 1
-    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-
-
-def find_targets(module: nn.Module, layers: Any = DEFAULT_LAYERS, exclude: Exclude = None) -> list[Target]:
-    """The weights of ``module`` that fp8ctx would hold as FP8, checked; nothing is changed.
-
-    Args:
-        module: the root module.
-        layers: layer types whose ``weight`` is targeted (subclasses included).
-        exclude: name patterns (fnmatch, matched against layer names) and/or predicates ``(name, module)``.
-
-    Returns:
-        One :class:`Target` per distinct weight, in ``named_parameters()`` order of first appearance.
-
-    Raises:
-        FP8Error: a bad ``layers``/``exclude`` option, a targeted weight on the meta device, or a weight
-            that is already held as FP8 (the module is inside ``fp8_weights`` already).
-        TypeError: ``module`` is not an ``nn.Module``.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"fp8ctx works on torch.nn.Module objects, got {type(module).__name__}")
-    layers = _check_layers(layers)
-    rules = _check_exclude(exclude)
-    canonical = {id(p): name for name, p in module.named_parameters()}
-    # a weight tied to an excluded layer (lm_head tied to the embedding) stays dense: the exclusion wins
-    excluded = {
-        id(p)
-        for layer_name, layer in module.named_modules()
-        if rules and _excluded(layer_name, layer, rules)
-        for p in layer.parameters(recurse=False)
-    }
-    chosen: dict[int, Target] = {}
-    for layer_name, layer in module.named_modules():
-        if not isinstance(layer, layers):
-            continue
-        weight = dict(layer.named_parameters(recurse=False)).get("weight")
-        if weight is None or id(weight) in chosen or id(weight) in excluded:
-            continue
-        name = canonical[id(weight)]
-        if isinstance(weight, FP8Tensor):
-            raise FP8Error(
-                f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already. "
-                "Enter one fp8_weights() per module, on the outermost module you need."
-            )
-        if weight.is_meta:
-            offloaded = any(hasattr(m, "_hf_hook") for m in module.modules())
-            raise FP8Error(
-                f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no values "
-                "to quantize). "
-                + (
-                    "The model is offloaded by accelerate (cpu_offload / enable_sequential_cpu_offload / a device_map "
-                    "with offload), which swaps dense weights in at every forward; fp8ctx cannot hold those as FP8. "
-                    "Load the model onto its devices, or use enable_model_cpu_offload(), which fp8ctx supports."
-                    if offloaded
-                    else "Load the weights first, e.g. with from_pretrained(...) or load_state_dict(..., assign=True)."
-                )
-            )
-        if weight.dtype not in _FLOAT_DTYPES:
-            logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
-            continue
-        chosen[id(weight)] = Target(name, layer_name, weight, _channel_axis(layer))
-    order = {name: i for i, name in enumerate(canonical.values())}
-    return sorted(chosen.values(), key=lambda target: order[target.name])
-
-
-def quantize_target(target: Target, config: FP8Config) -> FP8Tensor:
-    """Quantize one target weight into a new FP8Tensor; the weight itself is only read.
-
-    Raises:
-        FP8Error: the weight holds NaN or Inf (names the parameter).
-    """
-    weight = target.param.detach()
-    axis = target.channel_axis
-    scale = _numerics.compute_scale(weight, config.storage_dtype, config.granularity, config.block_size, axis)
-    if not bool(torch.isfinite(scale).all()):
-        raise FP8Error(
-            f"weight {target.name!r} contains NaN or Inf; FP8 cannot represent it. Fix the weight, or leave the "
-            f"layer out with exclude=[{target.layer!r}]"
-        )
-    data = _numerics.quantize(weight, scale, config.storage_dtype, config.granularity, config.block_size, axis)
-    layout = FP8Layout(config.granularity, config.block_size, axis)
-    return make_fp8_tensor(data, scale, layout, weight.dtype, target.name)
-
-
-def progress(items: Sequence[Any], description: str, enabled: bool | None) -> Iterable[Any]:
-    """Wrap ``items`` in a tqdm bar when asked to, or (``None``) when there are many and tqdm is installed."""
-    if enabled is False or (enabled is None and len(items) < _PROGRESS_MIN_LAYERS):
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=description, unit="layer", leave=False)
+# the config fields an entry records; a file's config metadata holds these
+_SCHEME_FIELDS = ("storage_dtype", "granularity", "block_size")
 
 
 class FP8Store(Mapping[str, FP8Tensor]):
@@ -205,22 +41,22 @@ class FP8Store(Mapping[str, FP8Tensor]):
         >>> out = fp8ctx.functional_call(model, store, (torch.randn(2, 16),))   # (2, 4); model untouched
     """
 
-    def __init__(self, entries: Mapping[str, FP8Tensor], config: FP8Config) -> None:
+    def __init__(self, entries: Mapping[str, FP8Tensor]) -> None:
         for name, entry in entries.items():
             if not isinstance(entry, FP8Tensor):
                 raise FP8Error(f"store entry {name!r} must be an FP8Tensor, got {type(entry).__name__}")
         self._entries = dict(entries)
-        self.config = config
 
     @classmethod
     def from_module(
         cls,
         module: nn.Module,
+        config: FP8Config | None = None,
         *,
-        storage_dtype: torch.dtype = torch.float8_e4m3fn,
-        granularity: str = "tensor",
-        block_size: int = 128,
-        layers: Any = DEFAULT_LAYERS,
+        storage_dtype: torch.dtype | str | None = None,
+        granularity: str | None = None,
+        block_size: int | None = None,
+        layers: Any = None,
         exclude: Exclude = None,
         progress_bar: bool | None = None,
     ) -> FP8Store:
@@ -228,11 +64,9 @@ class FP8Store(Mapping[str, FP8Tensor]):
 
         Args:
             module: the model (or a single layer).
-            storage_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
-            granularity: ``"tensor"``, ``"channel"`` or ``"block"`` (see :class:`FP8Config`).
-            block_size: tile edge for ``"block"``.
-            layers: layer types to target; default :data:`DEFAULT_LAYERS`.
-            exclude: layer-name patterns and/or predicates ``(name, module) -> bool`` to leave out.
+            config: an :class:`FP8Config`; the keywords below that are given (not ``None``) replace its
+                fields. Its ``compute`` is not recorded: it is chosen where the store is used.
+            storage_dtype, granularity, block_size, layers, exclude: as in :class:`FP8Config`.
             progress_bar: show a tqdm bar; default: only for many layers, when tqdm is installed.
 
         Returns:
@@ -242,11 +76,37 @@ class FP8Store(Mapping[str, FP8Tensor]):
             FP8Error: a bad option, or a weight that is NaN/Inf, on the meta device or already FP8.
             TypeError: ``module`` is not an ``nn.Module``.
         """
-        config = FP8Config(storage_dtype, granularity, block_size)
-        targets = find_targets(module, layers, exclude)
-        entries = {t.name: quantize_target(t, config) for t in progress(targets, "fp8ctx: quantizing", progress_bar)}
+        options = resolve(
+            config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size, layers=layers,
+            exclude=exclude,
+        )
+        entries = dict((t.name, entry) for t, entry in Plan.make(module, options.config).entries(progress_bar))
         logger.info("fp8ctx: quantized %d weights of %s", len(entries), type(module).__name__)
-        return cls(entries, config)
+        return cls(entries)
+
+    @property
+    def config(self) -> FP8Config:
+        """The scheme the entries are stored in: storage dtype, granularity and block size, read from them.
+
+        The fields a store cannot record are at their defaults: ``layers`` and ``exclude`` (the store's keys
+        are the record of which weights were chosen) and ``compute`` (chosen where the store is used). An
+        empty store gives ``FP8Config()``.
+
+        Raises:
+            FP8Error: entries stored in different schemes (a store combined from others): names two of them.
+        """
+        schemes: dict[tuple[Any, ...], str] = {}
+        for name, entry in self._entries.items():
+            schemes.setdefault(_scheme(entry), name)
+            if len(schemes) > 1:
+                (first, a), (second, b) = schemes.items()
+                raise FP8Error(
+                    f"this store has no single config: entry {a!r} holds {dict(zip(_SCHEME_FIELDS, first))}, entry "
+                    f"{b!r} {dict(zip(_SCHEME_FIELDS, second))}; read each entry's fp8_layout instead"
+                )
+        if not schemes:
+            return FP8Config()
+        return FP8Config(*next(iter(schemes)))
 
     # -- Mapping ---------------------------------------------------------------------------------------
 
@@ -287,12 +147,17 @@ class FP8Store(Mapping[str, FP8Tensor]):
 
     def to(self, device: torch.device | str) -> FP8Store:
         """A store with every entry's data and scales on ``device`` (FP8 stays FP8)."""
-        return FP8Store({name: entry.to_device(device) for name, entry in self._entries.items()}, self.config)
+        return FP8Store({name: entry.to_device(device) for name, entry in self._entries.items()})
 
     def __repr__(self) -> str:
-        config = self.config
+        schemes = {_scheme(entry) for entry in self._entries.values()}
+        if len(schemes) == 1:
+            storage_dtype, granularity, _ = next(iter(schemes))
+            scheme = f"{storage_dtype}, granularity={str(granularity)!r}, "
+        else:
+            scheme = "no entries, " if not schemes else f"{len(schemes)} schemes, "
         return (
-            f"FP8Store({len(self)} weights, {config.storage_dtype}, granularity={config.granularity!r}, "
+            f"FP8Store({len(self)} weights, {scheme}"
             f"{self.nbytes / 2**20:.2f} MiB held vs {self.dense_nbytes / 2**20:.2f} MiB dense)"
         )
 
@@ -300,6 +165,9 @@ class FP8Store(Mapping[str, FP8Tensor]):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the store to a safetensors file (FP8 codes stay FP8 on disk).
+
+        Each entry is its codes (``name``), its scales (``name:scale``) and, in the metadata, its layout and
+        original dtype; the store's config (when its entries share one) is written beside them.
 
         Raises:
             ImportError: safetensors is not installed (``pip install safetensors``).
@@ -311,43 +179,98 @@ class FP8Store(Mapping[str, FP8Tensor]):
         for name, entry in self._entries.items():
             tensors[name] = entry.qdata.contiguous()
             tensors[name + ":scale"] = entry.scale.contiguous()
-            layouts[name] = {**dataclasses.asdict(entry.fp8_layout), "dtype": str(entry.dtype).removeprefix("torch.")}
-        config = {
-            "storage_dtype": str(self.config.storage_dtype).removeprefix("torch."),
-            "granularity": self.config.granularity,
-            "block_size": self.config.block_size,
-        }
-        metadata = {"fp8ctx.config": json.dumps(config), "fp8ctx.layouts": json.dumps(layouts)}
+            layouts[name] = {**_layout_of(entry).to_dict(), "dtype": str(entry.dtype).removeprefix("torch.")}
+        metadata = {"fp8ctx.layouts": json.dumps(layouts)}
+        if len({_scheme(entry) for entry in self._entries.values()}) <= 1:
+            config = self.config.to_dict()
+            metadata["fp8ctx.config"] = json.dumps({field: config[field] for field in _SCHEME_FIELDS})
         save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> FP8Store:
-        """Read a store written by :meth:`save`, onto ``device``.
+        """Read a store written by :meth:`save`, onto ``device``; every entry is checked before use.
 
         Raises:
-            FP8Error: the file was not written by ``FP8Store.save``.
+            FP8Error: the file was not written by ``FP8Store.save``, or an entry's metadata, codes or scales
+                do not fit together (names the entry and the field).
         """
         from safetensors import safe_open
 
+        where = os.fspath(path)
         try:
-            opened = safe_open(os.fspath(path), framework="pt", device=str(device))
+            opened = safe_open(where, framework="pt", device=str(device))
         except FileNotFoundError:
             raise
         except Exception as error:  # safetensors raises its own error type for a file of another format
-            raise FP8Error(
-                f"{os.fspath(path)!r} is not a safetensors file ({error}); write a store with FP8Store.save"
-            ) from None
+            raise FP8Error(f"{where!r} is not a safetensors file ({error}); write a store with FP8Store.save") from None
         with opened as handle:
             metadata = handle.metadata() or {}
-            if "fp8ctx.layouts" not in metadata or "fp8ctx.config" not in metadata:
-                raise FP8Error(f"{os.fspath(path)!r} is not an fp8ctx store (no fp8ctx metadata); write one with FP8Store.save")
-            config = json.loads(metadata["fp8ctx.config"])
-            layouts = json.loads(metadata["fp8ctx.layouts"])
-            entries = {}
-            for name, layout in layouts.items():
-                dtype = getattr(torch, layout.pop("dtype"))
-                entries[name] = make_fp8_tensor(
-                    handle.get_tensor(name), handle.get_tensor(name + ":scale"), FP8Layout(**layout), dtype, name
-                )
-        storage_dtype = getattr(torch, config["storage_dtype"])
-        return cls(entries, FP8Config(storage_dtype, config["granularity"], config["block_size"]))
+            if "fp8ctx.layouts" not in metadata:
+                raise FP8Error(f"{where!r} is not an fp8ctx store (no fp8ctx metadata); write one with FP8Store.save")
+            layouts = _json_object(metadata["fp8ctx.layouts"], where, "fp8ctx.layouts")
+            present = set(handle.keys())
+            stray = sorted(present - {key for name in layouts for key in (name, name + ":scale")})
+            if stray:
+                raise FP8Error(f"{where!r} is not an fp8ctx store: tensor(s) {stray[:3]} belong to no entry")
+            entries = {name: _read_entry(handle, present, name, fields, where) for name, fields in layouts.items()}
+        store = cls(entries)
+        if "fp8ctx.config" in metadata:
+            written = FP8Config.from_dict(_json_object(metadata["fp8ctx.config"], where, "fp8ctx.config"))
+            if entries and store.config != written:
+                raise FP8Error(f"{where!r}: the config in its metadata ({written}) does not match its entries")
+        return store
+
+
+def _scheme(entry: FP8Tensor) -> tuple[Any, ...]:
+    """An entry's values of the config's scheme fields (``_SCHEME_FIELDS``' order)."""
+    return (entry.storage_dtype, _layout.Granularity.parse(entry.fp8_layout.granularity), entry.fp8_layout.block_size)
+
+
+def _layout_of(entry: FP8Tensor) -> _layout.FP8Layout:
+    layout = entry.fp8_layout
+    return _layout.FP8Layout(layout.granularity, layout.block_size, layout.channel_axis, entry.storage_dtype)
+
+
+def _json_object(text: str, where: str, key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FP8Error(f"{where!r}: metadata {key} is not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise FP8Error(f"{where!r}: metadata {key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+_DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _read_entry(handle: Any, present: set[str], name: str, fields: Any, where: str) -> FP8Tensor:
+    """One entry of a store file, checked: its layout, original dtype, codes and scales agree."""
+    if not isinstance(fields, dict):
+        raise FP8Error(f"{where!r}: the layout of entry {name!r} must be an object, got {fields!r}")
+    for key in (name, name + ":scale"):
+        if key not in present:
+            raise FP8Error(f"{where!r}: entry {name!r} has a layout but no tensor {key!r}")
+    fields = dict(fields)
+    dtype = _DENSE_DTYPES.get(fields.pop("dtype", None))
+    if dtype is None:
+        raise FP8Error(f"{where!r}: entry {name!r} needs dtype, one of {sorted(_DENSE_DTYPES)}")
+    data, scale = handle.get_tensor(name), handle.get_tensor(name + ":scale")
+    fields.setdefault("storage_dtype", data.dtype)  # files from before the layout named it
+    try:
+        layout = _layout.FP8Layout(**fields)
+    except TypeError as error:
+        raise FP8Error(f"{where!r}: entry {name!r} has a bad layout {fields}: {error}") from None
+    except FP8Error as error:
+        raise FP8Error(f"{where!r}: entry {name!r}: {error}") from None
+    if data.dtype != layout.storage_dtype:
+        raise FP8Error(f"{where!r}: entry {name!r} holds {data.dtype} codes, its layout says {layout.storage_dtype}")
+    if layout.channel_axis >= max(data.dim(), 1):
+        raise FP8Error(f"{where!r}: entry {name!r} has channel_axis {layout.channel_axis} for shape {tuple(data.shape)}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != layout.scale_shape(data.shape):
+        raise FP8Error(
+            f"{where!r}: entry {name!r} has {scale.dtype} scales of shape {tuple(scale.shape)}, its layout needs "
+            f"float32 of shape {layout.scale_shape(data.shape)}"
+        )
+    legacy = FP8Layout(layout.granularity.value, layout.block_size, layout.channel_axis)
+    return make_fp8_tensor(data, scale, legacy, dtype, name)

@@ -95,14 +95,14 @@ def test_negative_row_count_is_a_usage_error():
 
 
 def test_an_error_raised_by_the_model_is_one_line(monkeypatch, capsys):
-    from fp8ctx.integrations import _loading
+    from fp8ctx.integrations import cli_models
 
     def failing_run(model):
         raise RuntimeError("shape mismatch in the model's own code")
 
-    subject = _loading.Subject("toy", nn.Linear(4, 4), failing_run)
+    subject = cli_models.Subject("toy", nn.Linear(4, 4), failing_run)
     before = snapshot(subject.model)
-    monkeypatch.setattr(_loading, "load_subjects", lambda *args: [subject])
+    monkeypatch.setattr(cli_models, "load_subjects", lambda *args: [subject])
     assert main(["report", "/anything"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fp8ctx: error: RuntimeError: shape mismatch in the model's own code (--verbose shows the traceback)"]
@@ -121,7 +121,7 @@ def test_an_encoder_decoder_directory_runs_its_encoder(tmp_path, capsys):
 
 
 def test_a_tokenizer_without_a_pad_token_still_gives_an_input():
-    from fp8ctx.integrations._loading import text_runner
+    from fp8ctx.integrations.cli_models import text_runner
 
     model = _models.qwen25vl()
     tokenizer = _models.local_qwen_tokenizer()

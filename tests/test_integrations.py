@@ -197,3 +197,34 @@ def test_accelerate_device_map_with_offloaded_layers_is_refused_clearly():
         with fp8_weights(model):
             pass
     assert_restored(model, before)
+
+
+def test_the_main_tensor_of_diffusers_and_transformers_outputs():
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+    from fp8ctx.integrations.outputs import first_tensor
+
+    sample, hidden, logits = torch.randn(1, 3, 4, 4), torch.randn(2, 5, 8), torch.randn(2, 5, 11)
+    assert first_tensor(DecoderOutput(sample=sample)) is sample
+    assert first_tensor(BaseModelOutput(last_hidden_state=hidden)) is hidden
+    assert first_tensor(CausalLMOutput(logits=logits)) is logits
+    moments = torch.randn(1, 8, 2, 2)
+    assert torch.equal(first_tensor({"latent_dist": DiagonalGaussianDistribution(moments)}), moments[:, :4])  # mode
+    assert first_tensor((None, hidden)) is hidden
+    with pytest.raises(TypeError, match="pass run="):
+        first_tensor({"text": "no tensor"})
+
+
+def test_a_pipeline_is_recognised_by_its_components_and_asked_for_known_ones():
+    from fp8ctx.integrations.pipelines import DEFAULT_COMPONENTS, is_pipeline, pipeline_modules
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.components = {"vae": nn.Linear(2, 2), "text_encoder": nn.Linear(2, 2), "tokenizer": object()}
+
+    pipe = Pipe()
+    assert is_pipeline(pipe) and not is_pipeline(nn.Linear(2, 2)) and not is_pipeline(object())
+    assert list(pipeline_modules(pipe, None)) == list(DEFAULT_COMPONENTS)
+    with pytest.raises(FP8Error, match=r"no module component\(s\) \['tokenizer'\].*\['text_encoder', 'vae'\]"):
+        pipeline_modules(pipe, ["tokenizer"])

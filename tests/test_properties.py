@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fp8ctx
-import fp8ctx._context
+import fp8ctx._plan
 import fp8ctx._swap
 from fp8ctx import DEFAULT_LAYERS, FP8Store, FP8Tensor, fp8_weights, functional_call
 
@@ -349,7 +349,7 @@ def test_random_exception_points_propagate_and_restore(case, point, kind, k, dat
 
     patch: Any = contextlib.nullcontext()
     if point == "quantize":  # the k-th weight fails to quantize: k-1 weights are swapped in already
-        patch = mock.patch.object(fp8ctx._context, "quantize_target", on_kth_call(fp8ctx._context.quantize_target))
+        patch = mock.patch.object(fp8ctx._plan, "quantize_target", on_kth_call(fp8ctx._plan.quantize_target))
         expect = raised if k <= len(targets) else None
     elif point == "offload":  # fails right after the k-th weight's slots were swapped
         patch = mock.patch.object(fp8ctx._swap.Journal, "offload", on_kth_call(fp8ctx._swap.Journal.offload))

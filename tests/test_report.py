@@ -135,7 +135,10 @@ def test_table_html_dict_and_pandas():
     assert "0.weight" in text and "SQNR dB" in text and "restored bit-exact after the block: yes" in text
     assert "<table>" in result._repr_html_() and "2.weight" in result._repr_html_()
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["config"] == {"storage_dtype": "float8_e4m3fn", "granularity": "block", "block_size": 16}
+    assert {k: data["config"][k] for k in ("storage_dtype", "granularity", "block_size")} == {
+        "storage_dtype": "float8_e4m3fn", "granularity": "block", "block_size": 16
+    }
+    assert fp8ctx.FP8Config.from_dict(data["config"]) == result.config  # the config's own serialization
     assert data["totals"]["fp8_bytes"] == result.fp8_bytes and len(data["layers"]) == 2
     pandas = pytest.importorskip("pandas")
     frame = result.to_pandas()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,61 +13,10 @@ from torch import nn
 
 import fp8ctx
 from fp8ctx import DEFAULT_LAYERS, FP8Error, FP8Store, FP8Tensor, fp8_weights, functional_call
+from test_plan import Codec, zoo
 
 GRANULARITIES = ["tensor", "channel", "block"]
 STORAGE = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
-
-
-class CausalConv3d(nn.Conv3d):
-    """Like diffusers' QwenImageCausalConv3d: a Conv3d subclass that pads the time axis on one side."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-        super().__init__(in_channels, out_channels, kernel_size)
-        self._causal = (kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size - 1, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self._causal))
-
-
-class Scaler(nn.Module):
-    """Not a layer fp8ctx knows: its ``weight`` must be left alone."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(4, 4))
-
-
-class Zoo(nn.Module):
-    """One of every kind: targeted by default, targeted on request, and never targeted."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.linear = nn.Linear(4, 6)
-        self.conv1 = nn.Conv1d(6, 6, 3, padding=1)
-        self.conv2 = nn.Conv2d(6, 4, 1)
-        self.conv3 = nn.Conv3d(4, 4, 1, bias=False)
-        self.causal = CausalConv3d(4, 4, 3)
-        self.up1 = nn.ConvTranspose1d(6, 4, 2, stride=2)
-        self.up2 = nn.ConvTranspose2d(4, 6, 2, groups=2)
-        self.up3 = nn.ConvTranspose3d(4, 2, 1)
-        self.norm = nn.LayerNorm(6)
-        self.group_norm = nn.GroupNorm(2, 4)
-        # (no BatchNorm: conftest.snapshot cannot take the bits of its 0-d int64 num_batches_tracked buffer)
-        self.scaler = Scaler()
-        self.register_buffer("table", torch.randn(3, 3))
-
-
-DEFAULT_KEYS = {"linear", "conv1", "conv2", "conv3", "causal", "up1", "up2", "up3"}
-
-
-def zoo() -> Zoo:
-    torch.manual_seed(0)
-    return Zoo().bfloat16()
-
-
-def keys(*layers: str) -> list[str]:
-    return sorted(f"{layer}.weight" for layer in layers)
 
 
 def test_from_module_leaves_the_module_untouched():
@@ -78,104 +28,6 @@ def test_from_module_leaves_the_module_untouched():
     assert all(p is q and p.data_ptr() == ptr for (p, ptr), q in zip(pointers, model.parameters()))
     held = {entry.qdata.untyped_storage().data_ptr() for entry in store.values()}
     assert held.isdisjoint({p.untyped_storage().data_ptr() for p in model.parameters()})  # new memory only
-
-
-@pytest.mark.parametrize(
-    "build,expected",
-    [
-        (lambda: nn.Linear(4, 3), ["weight"]),
-        (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), nn.ReLU()), ["0.0.weight", "0.1.weight"]),
-        (lambda: nn.ModuleDict({"decoder": nn.ModuleList([nn.Conv2d(2, 2, 1), nn.LayerNorm(2)])}), ["decoder.0.weight"]),
-        (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 4)), ["0.0.weight", "1.weight"]),
-    ],
-    ids=["bare-linear", "nested-sequential", "moduledict-list", "two-levels"],
-)
-def test_keys_are_named_parameters_names(build, expected):
-    model = build()
-    store = FP8Store.from_module(model)
-    assert list(store) == expected
-    params = dict(model.named_parameters())
-    for name in store:
-        assert store[name].shape == params[name].shape and store[name].param_name == name
-
-
-def test_a_tied_weight_is_one_entry_under_its_first_name():
-    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 4, bias=False))
-    model[2].weight = model[0].weight
-    store = FP8Store.from_module(model)
-    assert list(store) == ["0.weight"]
-
-
-def test_default_layer_types_subclasses_included_and_nothing_else():
-    model = zoo()
-    store = FP8Store.from_module(model)
-    assert sorted(store) == keys(*DEFAULT_KEYS)  # causal: a Conv3d subclass; scaler/norms/embedding: not layers
-    assert not any(name.endswith("bias") for name in store)
-    x = torch.randn(1, 4, 3, 5, 5, dtype=torch.bfloat16)
-    with torch.no_grad():
-        expected = fake_quantized_copy(model.causal)(x)
-        with fp8_weights(model.causal):
-            assert isinstance(model.causal._parameters["weight"], FP8Tensor)
-            torch.testing.assert_close(model.causal(x), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(
-    "layers,expected",
-    [
-        (DEFAULT_LAYERS + (nn.Embedding,), DEFAULT_KEYS | {"embed"}),
-        (nn.Embedding, {"embed"}),  # a single type
-        ((nn.Linear, nn.LayerNorm), {"linear", "norm"}),
-        ((nn.modules.conv._ConvTransposeNd,), {"up1", "up2", "up3"}),
-        ([nn.Conv3d], {"conv3", "causal"}),  # a list works too; subclasses follow
-    ],
-    ids=["default+embedding", "embedding-only", "linear+layernorm", "convtranspose-base", "conv3d-list"],
-)
-def test_layers_option_chooses_the_layer_types(layers, expected):
-    assert sorted(FP8Store.from_module(zoo(), layers=layers)) == keys(*expected)
-
-
-def predicate_convtranspose(name: str, layer: nn.Module) -> bool:
-    return isinstance(layer, nn.modules.conv._ConvTransposeNd)
-
-
-class Codec(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(2, 4, 1), nn.Linear(4, 4))
-        self.decoder = nn.ModuleDict({"conv": nn.Conv2d(4, 2, 1), "up": nn.ConvTranspose2d(2, 2, 2)})
-        self.decoder_extra = nn.Linear(2, 2)
-        self.head = nn.Linear(2, 3)
-
-
-ALL_CODEC = {"encoder.0", "encoder.1", "decoder.conv", "decoder.up", "decoder_extra", "head"}
-
-
-@pytest.mark.parametrize(
-    "exclude,excluded",
-    [
-        ("decoder", {"decoder.conv", "decoder.up"}),  # a parent name: its children, not "decoder_extra"
-        ("decoder*", {"decoder.conv", "decoder.up", "decoder_extra"}),
-        ("*.conv", {"decoder.conv"}),
-        ("encoder.?", {"encoder.0", "encoder.1"}),
-        ("head", {"head"}),
-        (predicate_convtranspose, {"decoder.up"}),
-        (lambda name, layer: name.startswith("enc") and isinstance(layer, nn.Linear), {"encoder.1"}),
-        (["head", predicate_convtranspose], {"head", "decoder.up"}),
-        (("encoder", "*_extra"), {"encoder.0", "encoder.1", "decoder_extra"}),
-        ([], set()),
-        ("nothing-matches", set()),
-        ("*", ALL_CODEC),
-    ],
-    ids=[
-        "parent-name", "glob-prefix", "glob-suffix", "glob-question", "exact", "predicate", "lambda",
-        "list-mixed", "tuple-patterns", "empty-list", "no-match", "everything",
-    ],
-)
-def test_exclude_by_pattern_parent_predicate_and_list(exclude, excluded):
-    torch.manual_seed(0)
-    model = Codec()
-    store = FP8Store.from_module(model, exclude=exclude)
-    assert sorted(store) == keys(*(ALL_CODEC - excluded))
 
 
 @pytest.mark.parametrize(
@@ -343,19 +195,6 @@ def test_stores_compare_by_identity():
     assert len({store, again, store}) == 2
 
 
-def test_non_float_weights_are_skipped():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
-    model[1].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
-    model[2].weight = nn.Parameter(torch.ones(4, 4, 1, dtype=torch.int32), requires_grad=False)
-    before = snapshot(model)
-    assert list(FP8Store.from_module(model)) == ["0.weight"]
-    with fp8_weights(model) as store:
-        assert list(store) == ["0.weight"]
-        assert model[1].weight.dtype == torch.int8 and not isinstance(model[1].weight, FP8Tensor)
-    assert_restored(model, before)
-
-
 def test_missing_key_error_lists_some_keys():
     store = FP8Store.from_module(Codec())
     with pytest.raises(KeyError) as caught:
@@ -368,7 +207,7 @@ def test_missing_key_error_lists_some_keys():
 
 def test_entries_must_be_fp8_tensors():
     with pytest.raises(FP8Error, match="'w'.*FP8Tensor"):
-        FP8Store({"w": nn.Parameter(torch.zeros(2))}, fp8ctx.FP8Config())
+        FP8Store({"w": nn.Parameter(torch.zeros(2))})
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
@@ -384,3 +223,67 @@ def test_zero_element_weight_is_quantized_or_refused_clearly(granularity):
         with fp8_weights(model, granularity=granularity):
             assert model(torch.zeros(3, 0)).shape == (3, 2)
     assert_restored(model, before)
+
+
+# -- the config is read from the entries ----------------------------------------------------------------
+
+
+def test_config_is_derived_from_the_entries():
+    model = Codec()
+    store = FP8Store.from_module(model, storage_dtype="e5m2", granularity="block", block_size=8, exclude=["head"])
+    assert store.config == fp8ctx.FP8Config(storage_dtype=torch.float8_e5m2, granularity="block", block_size=8)
+    assert FP8Store({}).config == fp8ctx.FP8Config()
+    channel = FP8Store.from_module(model, granularity="channel")
+    combined = FP8Store({"encoder.0.weight": store["encoder.0.weight"], "head.weight": channel["head.weight"]})
+    with pytest.raises(FP8Error, match=r"no single config: entry 'encoder.0.weight' holds .*block.*entry 'head.weight'"):
+        combined.config
+    assert "2 schemes" in repr(combined)
+    with pytest.raises(FP8Error, match="granularity.*contradicts"):
+        fp8_weights(model, store=combined, granularity="channel")
+    with fp8_weights(model, store=combined):  # each entry keeps its own scheme
+        out = model.head(torch.randn(2, 2))
+    assert out.shape == (2, 3)
+
+
+def test_a_combined_store_saves_and_loads_entry_by_entry(tmp_path):
+    model = Codec()
+    block = FP8Store.from_module(model, granularity="block", block_size=2)
+    channel = FP8Store.from_module(model, storage_dtype="e5m2", granularity="channel")
+    combined = FP8Store({"encoder.0.weight": block["encoder.0.weight"], "decoder.up.weight": channel["decoder.up.weight"]})
+    combined.save(tmp_path / "mixed.safetensors")
+    loaded = FP8Store.load(tmp_path / "mixed.safetensors")
+    for name in combined:
+        assert loaded[name].fp8_layout == combined[name].fp8_layout
+        assert loaded[name].storage_dtype == combined[name].storage_dtype
+        assert torch.equal(loaded[name].dequantize(), combined[name].dequantize())
+
+
+def test_a_file_whose_entries_do_not_fit_together_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    store = FP8Store.from_module(Codec(), granularity="channel")
+    store.save(tmp_path / "good.safetensors")
+    tensors = load_file(tmp_path / "good.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "good.safetensors", framework="pt") as handle:
+        metadata = handle.metadata()
+
+    def write(name, tensors=tensors, **changes):
+        save_file(tensors, tmp_path / name, metadata={**metadata, **changes})
+        return tmp_path / name
+
+    short_scales = {**tensors, "head.weight:scale": tensors["head.weight:scale"][:1]}
+    with pytest.raises(FP8Error, match=r"'head.weight' has torch.float32 scales of shape \(1,\)"):
+        FP8Store.load(write("scales.safetensors", short_scales))
+    missing = {k: v for k, v in tensors.items() if k != "head.weight:scale"}
+    with pytest.raises(FP8Error, match="no tensor 'head.weight:scale'"):
+        FP8Store.load(write("missing.safetensors", missing))
+    with pytest.raises(FP8Error, match="does not match its entries"):
+        FP8Store.load(write("config.safetensors", **{"fp8ctx.config": '{"granularity": "tensor"}'}))
+    layouts = json.loads(metadata["fp8ctx.layouts"])
+    layouts["head.weight"]["granularity"] = "row"
+    with pytest.raises(FP8Error, match="'head.weight'.*granularity"):
+        FP8Store.load(write("layout.safetensors", **{"fp8ctx.layouts": json.dumps(layouts)}))
+    with pytest.raises(FP8Error, match="not JSON"):
+        FP8Store.load(write("json.safetensors", **{"fp8ctx.layouts": "{oops"}))

@@ -1,1 +1,7 @@
-"""Integrations with diffusers and transformers (optional dependencies, imported lazily)."""
+"""What fp8ctx knows about other libraries, kept at the edge (each optional dependency imported lazily).
+
+- ``pipelines``: diffusers pipelines as an argument (detection, which components to hold).
+- ``offload``: why a weight sits on the meta device when accelerate offloads the model.
+- ``outputs``: the main tensor of a diffusers / transformers model output.
+- ``cli_models``: loading local model directories for ``python -m fp8ctx report``.
+"""

@@ -1,0 +1,211 @@
+"""Planning: which weights of a module are held as FP8, and the FP8 entry each one gets.
+
+Everything here reads modules and computes; nothing changes a module (holding is ``_hold``'s job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import _numerics
+from ._config import ExcludeRule, FP8Config
+from ._errors import FP8Error
+from ._progress import progress
+from ._tensor import FP8Layout, FP8Tensor, make_fp8_tensor
+from .integrations.offload import meta_weight_advice
+
+__all__ = ["Plan", "Target", "check_overlap", "find_targets", "quantize_target", "targets_from_store"]
+
+logger = logging.getLogger("fp8ctx")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One weight to hold as FP8: its name in ``named_parameters()``, its layer's name, the object, and
+    the axis of its output channels."""
+
+    name: str
+    layer: str
+    param: nn.Parameter
+    channel_axis: int
+
+
+def _excluded(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> bool:
+    for rule in rules:
+        if isinstance(rule, str):
+            # a pattern naming a parent excludes everything under it ("decoder" -> "decoder.conv_in")
+            if fnmatch.fnmatchcase(name, rule) or fnmatch.fnmatchcase(name, rule + ".*"):
+                return True
+        elif rule(name, module):
+            return True
+    return False
+
+
+def _channel_axis(layer: nn.Module) -> int:
+    # ConvTranspose weights are (in, out / groups, *kernel): their output channels live in dim 1
+    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
+    """The weights of ``module`` that ``config`` holds as FP8, checked; nothing is changed.
+
+    The ``weight`` of every layer of one of ``config.layers``' types, unless the layer (or a parent) is
+    excluded. A weight tied into several layers is one target under its first name, and stays dense if
+    any of those layers is excluded. Non-float weights are skipped.
+
+    Returns:
+        One :class:`Target` per distinct weight, in ``named_parameters()`` order of first appearance.
+
+    Raises:
+        FP8Error: a targeted weight on the meta device (says why and what to do), or a weight that is
+            already held as FP8 (the module is inside ``fp8_weights`` already).
+        TypeError: ``module`` is not an ``nn.Module``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> [t.name for t in find_targets(model, FP8Config(exclude=["2"]))]
+        ['0.weight']
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fp8ctx works on torch.nn.Module objects, got {type(module).__name__}")
+    rules = config.exclude
+    canonical = {id(p): name for name, p in module.named_parameters()}
+    # a weight tied to an excluded layer (lm_head tied to the embedding) stays dense: the exclusion wins
+    excluded = {
+        id(p)
+        for layer_name, layer in module.named_modules()
+        if rules and _excluded(layer_name, layer, rules)
+        for p in layer.parameters(recurse=False)
+    }
+    chosen: dict[int, Target] = {}
+    for layer_name, layer in module.named_modules():
+        if not isinstance(layer, config.layers):
+            continue
+        weight = dict(layer.named_parameters(recurse=False)).get("weight")
+        if weight is None or id(weight) in chosen or id(weight) in excluded:
+            continue
+        name = canonical[id(weight)]
+        if isinstance(weight, FP8Tensor):
+            raise FP8Error(
+                f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already. "
+                "Enter one fp8_weights() per module, on the outermost module you need."
+            )
+        if weight.is_meta:
+            raise FP8Error(
+                f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no values "
+                f"to quantize). {meta_weight_advice(module)}"
+            )
+        if weight.dtype not in _FLOAT_DTYPES:
+            logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
+            continue
+        chosen[id(weight)] = Target(name, layer_name, weight, _channel_axis(layer))
+    order = {name: i for i, name in enumerate(canonical.values())}
+    return sorted(chosen.values(), key=lambda target: order[target.name])
+
+
+def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> list[Target]:
+    """Match a store's entries to ``module``'s parameters, checking name, shape, dtype and device.
+
+    Raises:
+        TypeError: ``store`` is not a mapping.
+        FP8Error: an entry the module lacks or does not fit; a weight that is already FP8.
+    """
+    if not isinstance(store, Mapping):
+        raise TypeError(f"store must be an FP8Store (FP8Store.from_module(module)), got {type(store).__name__}")
+    params = dict(module.named_parameters())
+    targets = []
+    for name, entry in store.items():
+        param = params.get(name)
+        if param is None:
+            raise FP8Error(
+                f"the store has {name!r} but {type(module).__name__} has no such parameter: the store was built for "
+                "another module. Build one for this module with FP8Store.from_module(module)"
+            )
+        if not isinstance(entry, FP8Tensor):
+            raise FP8Error(f"store entry {name!r} must be an FP8Tensor, got {type(entry).__name__}")
+        if isinstance(param, FP8Tensor):
+            raise FP8Error(f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already")
+        if param.shape != entry.shape or param.dtype != entry.dtype:
+            raise FP8Error(
+                f"store entry {name!r} is {tuple(entry.shape)} {entry.dtype}, the parameter is "
+                f"{tuple(param.shape)} {param.dtype}; rebuild the store with FP8Store.from_module(module)"
+            )
+        if param.device != entry.device:
+            raise FP8Error(
+                f"store entry {name!r} is on {entry.device}, the parameter on {param.device}; "
+                f"move the store with store.to({str(param.device)!r})"
+            )
+        targets.append(Target(name, name.rpartition(".")[0], param, entry.fp8_layout.channel_axis))
+    return targets
+
+
+def check_overlap(plans: Sequence[Plan]) -> None:
+    """Raise if one weight is planned for two of the modules (one module passed twice, or inside another).
+
+    Raises:
+        FP8Error: names the weight and the two argument positions.
+    """
+    owners: dict[int, int] = {}
+    for index, plan in enumerate(plans):
+        for target in plan.targets:
+            other = owners.setdefault(id(target.param), index)
+            if other != index:
+                raise FP8Error(
+                    f"weight {target.name!r} belongs to argument {other} and argument {index} of fp8_weights(); "
+                    "pass each module once (the outer one if one contains the other)"
+                )
+
+
+def quantize_target(target: Target, config: FP8Config) -> FP8Tensor:
+    """Quantize one target weight into a new FP8Tensor; the weight itself is only read.
+
+    Raises:
+        FP8Error: the weight holds NaN or Inf (names the parameter and how to leave its layer out).
+    """
+    weight = target.param.detach()
+    axis = target.channel_axis
+    granularity = config.granularity.value
+    scale = _numerics.compute_scale(weight, config.storage_dtype, granularity, config.block_size, axis)
+    # NaN/Inf amax propagates into the scale: a few floats to check instead of the whole weight
+    if not bool(torch.isfinite(scale).all()):
+        raise FP8Error(
+            f"weight {target.name!r} contains NaN or Inf; FP8 cannot represent it. Fix the weight, or leave the "
+            f"layer out with exclude=[{target.layer!r}]"
+        )
+    data = _numerics.quantize(weight, scale, config.storage_dtype, granularity, config.block_size, axis)
+    return make_fp8_tensor(data, scale, FP8Layout(granularity, config.block_size, axis), weight.dtype, target.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to hold for one module: its targets, and where their entries come from (a given store, or
+    quantizing with ``config``)."""
+
+    module: nn.Module
+    targets: tuple[Target, ...]
+    config: FP8Config
+    store: Mapping[str, FP8Tensor] | None = None
+
+    @classmethod
+    def make(cls, module: nn.Module, config: FP8Config, store: Mapping[str, FP8Tensor] | None = None) -> Plan:
+        """The plan for ``module``: the store's entries matched to it, or the targets ``config`` selects."""
+        targets = targets_from_store(module, store) if store is not None else find_targets(module, config)
+        return cls(module, tuple(targets), config, store)
+
+    def entries(self, progress_bar: bool | None = None) -> Iterator[tuple[Target, FP8Tensor]]:
+        """Each target with its FP8 entry, made one at a time (so that a caller can swap in and offload
+        weight by weight: the peak is the dense model plus one layer's temporaries, not dense + FP8)."""
+        if self.store is not None:  # nothing to wait for when reusing a store
+            for target in self.targets:
+                yield target, self.store[target.name]
+            return
+        for target in progress(self.targets, "fp8ctx: quantizing", progress_bar):
+            yield target, quantize_target(target, self.config)
