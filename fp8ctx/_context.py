@@ -132,15 +132,8 @@ def fp8_weights(
         >>> vae[0].weight.dtype                               # the original Parameter, same bits
         torch.float32
     """
-    options = resolve(
-        config,
-        storage_dtype=storage_dtype,
-        granularity=granularity,
-        block_size=block_size,
-        layers=layers,
-        exclude=exclude,
-        compute=compute,
-    )
+    options = resolve(config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size,
+                      layers=layers, exclude=exclude, compute=compute)
     originals = check_originals(originals)
     if not modules:
         raise TypeError("fp8_weights() needs at least one module, e.g. fp8_weights(pipe.vae)")

@@ -293,15 +293,8 @@ def report(
         >>> result.fp8_bytes < result.dense_bytes, result.restored_exactly
         (True, True)
     """
-    options = resolve(
-        config,
-        storage_dtype=storage_dtype,
-        granularity=granularity,
-        block_size=block_size,
-        layers=layers,
-        exclude=exclude,
-        compute=compute,
-    )
+    options = resolve(config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size,
+                      layers=layers, exclude=exclude, compute=compute)
     originals = check_originals(originals)
     if isinstance(model, FP8Store):
         rows = tuple(
