@@ -14,6 +14,7 @@ from torch import nn
 
 from ._config import Exclude, FP8Config
 from ._context import fp8_weights
+from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
 from ._options import check_originals, resolve, stores_for
 from ._plan import Plan
 from ._store import FP8Store
@@ -35,16 +36,6 @@ class LayerReport:
     fp8_bytes: int
     sqnr_db: float | None
     relative_error: float | None
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputReport:
-    """The model's output with FP8 weights against the unquantized run on the same inputs."""
-
-    relative_l2: float
-    cosine: float
-    max_abs_error: float
-    psnr_db: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,62 +183,6 @@ def _number(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-@torch.no_grad()
-def _weight_error(original: torch.Tensor, restored: torch.Tensor) -> tuple[float, float]:
-    # float64 sums: squared errors of millions of elements would lose digits in float32
-    reference = original.double()
-    noise = (restored.double() - reference).square().sum().item()
-    signal = reference.square().sum().item()
-    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-    relative = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
-    return sqnr, relative
-
-
-@torch.no_grad()
-def _compare(actual: torch.Tensor, expected: torch.Tensor) -> OutputReport:
-    a, e = actual.double().flatten(), expected.double().flatten()
-    relative = ((a - e).norm() / e.norm()).item() if e.norm() > 0 else float((a - e).norm())
-    # two all-zero outputs are the same output; cosine_similarity would call them orthogonal
-    both_zero = a.numel() and not a.any() and not e.any()
-    cosine = 1.0 if both_zero else torch.nn.functional.cosine_similarity(a, e, dim=0).item()
-    max_abs = (a - e).abs().max().item() if a.numel() else 0.0
-    psnr = None
-    if expected.dim() >= 4:  # images (B, C, H, W) and videos (B, C, T, H, W)
-        peak = (e.max() - e.min()).item()
-        mse = (a - e).square().mean().item()
-        psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse) if peak > 0 else None
-    return OutputReport(relative, cosine, max_abs, psnr)
-
-
-_CHECKSUM_CHUNK = 1 << 24  # elements widened to int64 at a time: bounds the checksum's own memory
-
-
-@torch.no_grad()
-def _checksum(tensor: torch.Tensor) -> tuple[int, int]:
-    """Two integer sums over a tensor's raw bits (any dtype): any flipped bit changes the first, the
-    position-weighted second also catches values moved around."""
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    try:
-        words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-    except RuntimeError:  # storage offset not 4-byte aligned: sum the bytes instead
-        words = raw
-    total = weighted = 0
-    for start in range(0, words.numel(), _CHECKSUM_CHUNK):
-        chunk = words[start : start + _CHECKSUM_CHUNK].long()
-        position = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521 + 1
-        total += int(chunk.sum())
-        weighted += int((chunk * position).sum())
-    return total, weighted
-
-
-def _fingerprint(model: nn.Module) -> list[tuple[Any, ...]]:
-    """Identity, metadata and a checksum of the bits of every parameter and buffer."""
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    return [
-        (name, id(t), t.dtype, t.device, tuple(t.shape), t.stride(), _checksum(t)) for name, t in tensors
-    ]
-
-
 def report(
     model: nn.Module | FP8Store,
     inputs: Any = None,
@@ -314,7 +249,7 @@ def report(
     rows = []
     for target in targets:
         original, entry = target.param, store[target.name]
-        sqnr, relative = _weight_error(original, entry.dequantize())
+        sqnr, relative = weight_error(original, entry.dequantize())
         rows.append(
             LayerReport(
                 target.name,
@@ -336,14 +271,14 @@ def report(
         try:
             with torch.no_grad():
                 expected = first_tensor(call(model)).detach().clone()
-                before = _fingerprint(model)  # after the plain run: buffers it creates lazily are in
+                before = fingerprint(model)  # after the plain run: buffers it creates lazily are in
                 with fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
                     actual = first_tensor(call(model)).detach().clone()
-            restored = _fingerprint(model) == before
+            restored = fingerprint(model) == before
         finally:
             for module, training in modes:
                 module.training = training
-        output = _compare(actual, expected)
+        output = compare_outputs(actual, expected)
         logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
     return Report(type(model).__name__, held_config, tuple(rows), output, restored)
 
