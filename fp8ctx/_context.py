@@ -17,7 +17,7 @@ from torch import nn
 from ._config import Exclude, FP8Config
 from ._errors import FP8Error
 from ._hold import holding
-from ._options import check_originals, is_store_dict, resolve, stores_for
+from ._options import check_components, check_originals, check_progress_bar, is_store_dict, resolve, stores_for
 from ._plan import Plan, check_overlap
 from ._store import FP8Store
 from ._tensor import FP8Tensor
@@ -134,7 +134,8 @@ def fp8_weights(
     """
     options = resolve(config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size,
                       layers=layers, exclude=exclude, compute=compute)
-    originals = check_originals(originals)
+    originals, progress_bar = check_originals(originals), check_progress_bar(progress_bar)
+    components = check_components(components)
     if not modules:
         raise TypeError("fp8_weights() needs at least one module, e.g. fp8_weights(pipe.vae)")
     names: list[str] | None = None

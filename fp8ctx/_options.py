@@ -14,7 +14,16 @@ from ._config import FP8Config, check_compute
 from ._errors import FP8Error
 from ._tensor import FP8Tensor
 
-__all__ = ["ORIGINALS", "Options", "check_originals", "is_store_dict", "resolve", "stores_for"]
+__all__ = [
+    "ORIGINALS",
+    "Options",
+    "check_components",
+    "check_originals",
+    "check_progress_bar",
+    "is_store_dict",
+    "resolve",
+    "stores_for",
+]
 
 ORIGINALS = ("cpu", "keep")
 
@@ -64,6 +73,32 @@ def check_originals(originals: object) -> str:
     if originals not in ORIGINALS:
         raise FP8Error(f"originals must be one of {ORIGINALS}, got {originals!r}")
     return str(originals)
+
+
+def check_progress_bar(progress_bar: object) -> bool | None:
+    """``progress_bar`` itself: True, False, or ``None`` (a bar only for many layers).
+
+    Raises:
+        FP8Error: anything else.
+    """
+    if progress_bar is not None and not isinstance(progress_bar, bool):
+        raise FP8Error(f"progress_bar must be True, False or None, got {progress_bar!r}")
+    return progress_bar
+
+
+def check_components(components: object) -> list[str] | None:
+    """``components`` as a list of names (``None``: not given).
+
+    Raises:
+        FP8Error: a single string, or anything but a list/tuple of strings.
+    """
+    if components is None:
+        return None
+    if isinstance(components, str) or not isinstance(components, (list, tuple)) or not all(
+        isinstance(name, str) for name in components
+    ):
+        raise FP8Error(f"components must be a list of component names, e.g. ['vae', 'text_encoder'], got {components!r}")
+    return list(components)
 
 
 def stores_for(store: Any, names: Sequence[str] | None, count: int, options: Options) -> list[Any]:

@@ -15,7 +15,8 @@ from torch import nn
 from ._config import Exclude, FP8Config
 from ._context import fp8_weights
 from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
-from ._options import check_originals, resolve, stores_for
+from ._errors import FP8Error
+from ._options import check_originals, check_progress_bar, resolve, stores_for
 from ._plan import Plan
 from ._store import FP8Store
 from .integrations.outputs import first_tensor
@@ -230,7 +231,9 @@ def report(
     """
     options = resolve(config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size,
                       layers=layers, exclude=exclude, compute=compute)
-    originals = check_originals(originals)
+    originals, progress_bar = check_originals(originals), check_progress_bar(progress_bar)
+    if run is not None and not callable(run):
+        raise FP8Error(f"run must be a function run(model) -> output, got {type(run).__name__}")
     if isinstance(model, FP8Store):
         rows = tuple(
             LayerReport(name, "?", tuple(entry.shape), entry.numel() * entry.element_size(), entry.nbytes, None, None)

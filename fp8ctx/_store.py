@@ -15,7 +15,7 @@ from . import _layout
 from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and Embedding that stored weights take)
 from ._config import Exclude, FP8Config
 from ._errors import FP8Error
-from ._options import resolve
+from ._options import check_progress_bar, resolve
 from ._plan import Plan
 from ._tensor import FP8Layout, FP8Tensor, make_fp8_tensor
 
@@ -80,7 +80,8 @@ class FP8Store(Mapping[str, FP8Tensor]):
             config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size, layers=layers,
             exclude=exclude,
         )
-        entries = dict((t.name, entry) for t, entry in Plan.make(module, options.config).entries(progress_bar))
+        plan = Plan.make(module, options.config)
+        entries = {target.name: entry for target, entry in plan.entries(check_progress_bar(progress_bar))}
         logger.info("fp8ctx: quantized %d weights of %s", len(entries), type(module).__name__)
         return cls(entries)
 

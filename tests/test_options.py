@@ -58,10 +58,12 @@ BAD = {
     "compute": ("int8", "compute"),
     "originals": ("gpu", "originals"),
     "config": ("channel", "config"),
+    "progress_bar": ("yes", "progress_bar"),
 }
+BAD_ELSEWHERE = {"run": ("model.decode", "run must be a function"), "components": ("vae", "components must be a list")}
 CALLS = {
-    "report": (call_report, set(BAD)),
-    "fp8_weights": (call_context, set(BAD)),
+    "report": (call_report, set(BAD) | {"run"}),
+    "fp8_weights": (call_context, set(BAD) | {"components"}),
     "from_module": (call_from_module, set(BAD) - {"compute", "originals"}),
 }
 CASES = [
@@ -76,7 +78,7 @@ def test_a_bad_option_raises_when_called_before_anything_runs(call, option, noth
     model = tower()
     model.register_forward_hook(lambda *args: nothing_runs.append("forward"))
     before = snapshot(model)
-    value, match = BAD[option]
+    value, match = {**BAD, **BAD_ELSEWHERE}[option]
     with pytest.raises(FP8Error, match=match):
         call(model, **{option: value})
     assert nothing_runs == []
