@@ -179,7 +179,7 @@ def main() -> None:
     with kernels.use_backend("torch"):
         start = time.perf_counter()
         for _ in range(args.repeats):
-            _numerics.dequantize(entry.qdata, entry.scale, weight.dtype, "tensor")
+            _numerics.dequantize(entry.qdata, entry.scale, entry.fp8_layout, weight.dtype)
         if device == "cuda":
             torch.cuda.synchronize()
     dequant_us = (time.perf_counter() - start) * 1e6 / args.repeats

@@ -5,7 +5,8 @@ from ._context import fp8_weights, functional_call
 from ._errors import FP8Error
 from ._report import LayerReport, OutputReport, Report, report
 from ._store import FP8Store
-from ._tensor import FP8Layout, FP8Tensor
+from ._layout import FP8Layout
+from ._tensor import FP8Tensor
 
 __version__ = "0.1.0"
 

@@ -61,7 +61,7 @@ class FP8Config:
     Example:
         >>> config = FP8Config(granularity="block", block_size=64, exclude=["decoder.conv_out"])
         >>> config.granularity, config.exclude
-        (<Granularity.BLOCK: 'block'>, ('decoder.conv_out',))
+        ('block', ('decoder.conv_out',))
         >>> FP8Config.from_dict(config.to_dict()) == config
         True
     """
@@ -81,7 +81,7 @@ class FP8Config:
             raise FP8Error(f"block_size must be a positive int, got {self.block_size!r}")
         object.__setattr__(self, "layers", _check_layers(self.layers))
         object.__setattr__(self, "exclude", _check_exclude(self.exclude))
-        check_compute(self.compute, self.storage_dtype, self.granularity)
+        check_compute(self.compute, self.layout())
 
     def layout(self, channel_axis: int = 0) -> FP8Layout:
         """The layout one weight whose output channels lie on ``channel_axis`` is stored in."""
@@ -132,15 +132,15 @@ class FP8Config:
         return cls(**values)
 
 
-def check_compute(compute: object, storage_dtype: torch.dtype, granularity: Granularity) -> None:
-    """Raise unless ``compute`` is a mode that weights stored as ``storage_dtype`` / ``granularity`` support."""
+def check_compute(compute: object, layout: FP8Layout) -> None:
+    """Raise unless ``compute`` is a mode that weights stored as ``layout`` support."""
     if compute not in COMPUTE_MODES:
         raise FP8Error(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
-    if compute == "fp8" and not kernels.fp8_compute_supported(storage_dtype, granularity):
+    if compute == "fp8" and not kernels.fp8_compute_supported(layout):
         raise FP8Error(
             "compute='fp8' multiplies e4m3 codes with one scale per output channel; it needs "
             "storage_dtype=torch.float8_e4m3fn and granularity 'tensor' or 'channel', got "
-            f"{storage_dtype} and {str(granularity)!r}"
+            f"{layout.storage_dtype} and {str(layout.granularity)!r}"
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -58,6 +58,9 @@ class Granularity(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:  # as it is spelled when passed in: FP8Layout(granularity='block', ...)
+        return repr(self.value)
+
     @classmethod
     def parse(cls, value: object) -> Granularity:
         try:
@@ -92,8 +95,10 @@ class FP8Layout:
 
     Example:
         >>> layout = FP8Layout("block", block_size=64)
-        >>> layout.granularity, layout.scale_shape((200, 100))
-        (<Granularity.BLOCK: 'block'>, (4, 2))
+        >>> layout
+        FP8Layout(granularity='block', block_size=64, channel_axis=0, storage_dtype=torch.float8_e4m3fn)
+        >>> layout.granularity is Granularity.BLOCK, layout.scale_shape((200, 100))
+        (True, (4, 2))
     """
 
     granularity: Granularity = Granularity.TENSOR
@@ -115,14 +120,24 @@ class FP8Layout:
         """The largest finite value of the storage format (448 for e4m3, 57344 for e5m2)."""
         return float(torch.finfo(self.storage_dtype).max)
 
+    def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """The channel-first 2-D view ``(C, K)`` of a weight of ``shape`` that scales are grouped on.
+
+        ``C`` is the size of the channel axis, ``K`` the product of the other dims; a weight without that
+        axis (0-d, or 1-D with axis 1) is one channel.
+        """
+        shape, axis = tuple(shape), self.channel_axis
+        if len(shape) <= axis:
+            return 1, math.prod(shape)
+        return shape[axis], math.prod(shape[:axis] + shape[axis + 1 :])
+
     def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The shape of the scale tensor for a weight of ``shape``."""
         if self.granularity is Granularity.TENSOR:
             return ()
-        channels = shape[self.channel_axis] if len(shape) > self.channel_axis else 1
+        channels, inner = self.matrix_shape(shape)
         if self.granularity is Granularity.CHANNEL:
             return (channels,)
-        inner = math.prod(shape) // channels if channels else 0
         return (math.ceil(channels / self.block_size), math.ceil(inner / self.block_size))
 
     def replace(self, **changes: object) -> FP8Layout:
@@ -130,10 +145,46 @@ class FP8Layout:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON-ready fields (the file format's spelling)."""
+        """Plain JSON-ready fields (the file format's spelling); :meth:`from_dict` reads them back.
+
+        Example:
+            >>> FP8Layout("channel").to_dict()
+            {'granularity': 'channel', 'block_size': 128, 'channel_axis': 0, 'storage_dtype': 'e4m3'}
+        """
         return {
             "granularity": self.granularity.value,
             "block_size": self.block_size,
             "channel_axis": self.channel_axis,
             "storage_dtype": storage_name(self.storage_dtype),
         }
+
+    @classmethod
+    def from_dict(cls, fields: object, where: str = "layout") -> FP8Layout:
+        """The layout that :meth:`to_dict` wrote, every field checked (for files, which are not trusted).
+
+        Args:
+            fields: a mapping with exactly the keys of :meth:`to_dict`.
+            where: what ``fields`` is, for the error message (e.g. ``"layout of 'fc.weight' in model.safetensors"``).
+
+        Raises:
+            FP8Error: not a mapping, a missing or unknown key, or a field with a bad value (names ``where`` and
+                the field).
+
+        Example:
+            >>> FP8Layout.from_dict({"granularity": "block", "block_size": 64, "channel_axis": 0, "storage_dtype": "e5m2"})
+            FP8Layout(granularity='block', block_size=64, channel_axis=0, storage_dtype=torch.float8_e5m2)
+        """
+        names = [field.name for field in dataclasses.fields(cls)]
+        if not isinstance(fields, Mapping):
+            raise FP8Error(f"{where} must be a mapping with keys {names}, got {type(fields).__name__}")
+        missing = [name for name in names if name not in fields]
+        unknown = [str(key) for key in fields if key not in names]
+        if missing or unknown:
+            raise FP8Error(
+                f"{where} must have exactly the keys {names}; "
+                + "; ".join(filter(None, [missing and f"missing {missing}", unknown and f"unknown {unknown}"]))
+            )
+        try:
+            return cls(**{name: fields[name] for name in names})  # type: ignore[arg-type]
+        except FP8Error as error:  # the field's own message, told where it came from
+            raise FP8Error(f"{where}: {error}") from None

@@ -1,223 +1,221 @@
-"""FP8 quantization numerics: pure functions, no autograd, no module state.
+"""FP8 quantization numerics: pure functions of a weight and its :class:`~fp8ctx._layout.FP8Layout`.
 
 Scale convention (the only one in fp8ctx): **a stored value is multiplied by its scale**.
 
-    scale = amax / finfo(storage_dtype).max        (float32, one per group)
+    scale = amax / finfo(storage_dtype).max        (float32, one per group; see scale_from_amax)
     q     = clamp(w / scale, -max, max).to(storage_dtype)
     w'    = (q.to(float32) * scale).to(dtype)
 
-A group whose scale would be 0 (all zeros, or an amax so small that the division underflows) gets scale 1, so
-such a weight comes back as exact zeros, never NaN.
-
-Groups are defined on the *channel-first* view of a weight: the output-channel axis moved to the front
-(axis 0 for Linear, Conv and Embedding weights, axis 1 for ConvTranspose weights).
-
-- ``"tensor"``: one scale for the whole weight, shape ``()``.
-- ``"channel"``: one scale per output channel, shape ``(C,)``.
-- ``"block"``: one scale per ``block_size x block_size`` tile of the 2-D view ``(C, K)``, where ``K`` is the
-  product of the remaining dims; shape ``(ceil(C / B), ceil(K / B))``. Ragged edge tiles are smaller.
+Groups are tiles of the *channel-first* 2-D view ``(C, K)`` of a weight: the output-channel axis moved to the
+front (axis 0 for Linear, Conv and Embedding weights, axis 1 for ConvTranspose weights), the remaining dims
+flattened. A ``"tensor"`` tile is the whole view, a ``"channel"`` tile one row, a ``"block"`` tile
+``block_size x block_size`` (smaller at the ragged edges). :func:`_tile_edges` is the one place that says so;
+every function here works on tiles.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = [
-    "GRANULARITIES",
-    "STORAGE_DTYPES",
-    "compute_scale",
-    "dequantize",
-    "dequantize_rows",
-    "quantize",
-    "scale_shape",
-]
+from ._layout import FP8Layout, Granularity
 
-STORAGE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-GRANULARITIES = ("tensor", "channel", "block")
+__all__ = ["compute_scale", "dequantize", "dequantize_rows", "quantize", "scale_from_amax"]
 
 
-def _to_2d(weight: torch.Tensor, channel_axis: int) -> torch.Tensor:
-    """The channel-first 2-D view ``(C, K)`` of a weight (a copy only when the axis is not 0)."""
-    if weight.dim() == 0:
-        return weight.reshape(1, 1)
-    if weight.dim() == 1:
-        return weight.reshape(-1, 1)
-    if channel_axis == 0:
-        return weight.reshape(weight.shape[0], -1)
-    return rearrange(weight.movedim(channel_axis, 0), "c ... -> c (...)")
+def scale_from_amax(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
+    """The scale of a group whose largest magnitude is ``amax``: ``amax / fp8_max``, and 1 where that is 0.
 
-
-def _from_2d(matrix: torch.Tensor, shape: torch.Size, channel_axis: int) -> torch.Tensor:
-    """Inverse of :func:`_to_2d`."""
-    if len(shape) < 2 or channel_axis == 0:
-        return matrix.reshape(shape)
-    channel_first = (shape[channel_axis],) + tuple(s for i, s in enumerate(shape) if i != channel_axis)
-    return matrix.reshape(channel_first).movedim(0, channel_axis)
-
-
-def _padded_tiles(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Zero-pad a ``(C, K)`` matrix to whole tiles and view it as ``(rows, cols, B, B)``."""
-    rows, cols = matrix.shape
-    pad_rows = -rows % block_size
-    pad_cols = -cols % block_size
-    if pad_rows or pad_cols:
-        # zeros never raise a tile's amax, so padding does not change any scale
-        matrix = F.pad(matrix, (0, pad_cols, 0, pad_rows))
-    return rearrange(matrix, "(r br) (c bc) -> r c br bc", br=block_size, bc=block_size)
-
-
-def _untile(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    return rearrange(tiles, "r c br bc -> (r br) (c bc)")[:rows, :cols]
-
-
-def scale_shape(shape: torch.Size, granularity: str, block_size: int, channel_axis: int) -> tuple[int, ...]:
-    """The shape of the scale tensor for a weight of ``shape``."""
-    if granularity == "tensor":
-        return ()
-    channels = shape[channel_axis] if len(shape) else 1
-    if granularity == "channel":
-        return (channels,)
-    inner = math.prod(shape) // max(channels, 1)
-    return (math.ceil(channels / block_size), math.ceil(inner / block_size))
-
-
-@torch.no_grad()
-def compute_scale(
-    weight: torch.Tensor,
-    storage_dtype: torch.dtype,
-    granularity: str,
-    block_size: int = 128,
-    channel_axis: int = 0,
-) -> torch.Tensor:
-    """Float32 scales ``amax / finfo(storage_dtype).max`` for each group of ``weight``.
+    A zero scale (an all-zero group, or an amax so tiny that the division underflows float32) would turn
+    quantization into 0/0 = NaN; scale 1 keeps such a group's values, which round to zero in FP8 anyway, finite.
+    NaN/Inf amax stays in the scale, so callers can reject such a weight by checking the (small) scale.
 
     Args:
-        weight: a floating-point tensor.
-        storage_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
-        granularity: ``"tensor"``, ``"channel"`` or ``"block"``.
-        block_size: tile edge for ``"block"``.
-        channel_axis: the output-channel axis of ``weight``.
+        amax: float32 magnitudes, any shape.
+        fp8_max: the largest finite value of the target FP8 format (a Python float: on CUDA, torch divides by
+            a Python number as a multiplication by its reciprocal, and the Triton quantizer does the same).
 
     Returns:
-        A float32 tensor of :func:`scale_shape` on ``weight``'s device.
+        Float32 scales shaped like ``amax``.
 
     Example:
-        >>> compute_scale(torch.ones(4, 6), torch.float8_e4m3fn, "channel").shape
-        torch.Size([4])
+        >>> scale_from_amax(torch.tensor([448.0, 0.0, float("inf")]), 448.0)
+        tensor([1., 1., inf])
     """
-    if weight.numel() == 0:  # nothing to scale; amax of an empty group is undefined
-        shape = scale_shape(weight.shape, granularity, block_size, channel_axis)
-        return torch.ones(shape, dtype=torch.float32, device=weight.device)
-    # amax in float32: bf16/fp16 amax is exact, but the division below must not round twice
-    magnitude = weight.detach().abs().float()
-    if granularity == "tensor":
-        amax = magnitude.amax()
-    elif granularity == "channel":
-        amax = _to_2d(magnitude, channel_axis).amax(dim=1)
-    else:
-        amax = _padded_tiles(_to_2d(magnitude, channel_axis), block_size).amax(dim=(2, 3))
-    scale = amax / torch.finfo(storage_dtype).max
-    # a zero scale (an all-zero group, or amax so tiny that amax / max underflows float32) would give 0/0 = NaN
-    # on quantize; scale 1 keeps such a group's values, which round to zero in FP8 anyway, finite.
-    # NaN/Inf amax stays in the scale, so callers can reject such a weight by checking the (small) scale
+    scale = amax / fp8_max
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
+# -- the channel-first 2-D view and its tiles ----------------------------------------------------------
+
+
+def _view_2d(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
+    """The channel-first 2-D view ``(C, K)`` of a weight (a copy only when its channel axis is not 0).
+
+    Under ``"tensor"`` (one tile) and for a weight without that axis (0-d, or 1-D with axis 1) it is one row.
+    """
+    if layout.granularity is Granularity.TENSOR or weight.dim() <= layout.channel_axis:
+        return weight.reshape(1, weight.numel())
+    # sizes spelled out (no -1): a weight with zero channels or zero inputs still has its (C, K) view
+    return weight.movedim(layout.channel_axis, 0).reshape(layout.matrix_shape(weight.shape))
+
+
+def _from_view_2d(matrix: torch.Tensor, shape: torch.Size, layout: FP8Layout) -> torch.Tensor:
+    """Inverse of :func:`_view_2d`."""
+    axis = layout.channel_axis
+    if layout.granularity is Granularity.TENSOR or len(shape) <= axis or axis == 0:
+        return matrix.reshape(shape)
+    channel_first = (shape[axis],) + tuple(size for i, size in enumerate(shape) if i != axis)
+    return matrix.reshape(channel_first).movedim(0, axis)
+
+
+def _tile_edges(layout: FP8Layout, rows: int, cols: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` of one scale's tile on a non-empty ``(rows, cols)`` view: the granularity switch.
+
+    A block never exceeds the view, so a weight smaller than ``block_size`` is one tile of its own size,
+    not a ``block_size x block_size`` tile mostly made of padding.
+    """
+    if layout.granularity is Granularity.TENSOR:
+        return rows, cols
+    if layout.granularity is Granularity.CHANNEL:
+        return 1, cols
+    return min(layout.block_size, rows), min(layout.block_size, cols)
+
+
+def _tiles(matrix: torch.Tensor, edges: tuple[int, int]) -> torch.Tensor:
+    """``(rows, cols)`` as ``(tile_rows, tile_cols, edge_rows, edge_cols)``, zero-padded to whole tiles.
+
+    The padding is less than one tile edge per dim and no larger than the matrix (edges never exceed it);
+    zeros never raise a tile's amax, so padding changes no scale.
+    """
+    rows, cols = matrix.shape
+    pad_rows, pad_cols = -rows % edges[0], -cols % edges[1]
+    if pad_rows or pad_cols:
+        matrix = F.pad(matrix, (0, pad_cols, 0, pad_rows))
+    return rearrange(matrix, "(r br) (c bc) -> r c br bc", br=edges[0], bc=edges[1])
+
+
+def _scaled(matrix: torch.Tensor, scale: torch.Tensor, edges: tuple[int, int], divide: bool) -> torch.Tensor:
+    """``matrix`` divided (quantize) or multiplied (dequantize) by one scale per tile of ``edges``.
+
+    ``scale`` holds one value per tile, in tile order (any shape with that many elements).
+    """
+    tiles = _tiles(matrix, edges)
+    per_tile = scale.reshape(*tiles.shape[:2], 1, 1)
+    scaled = tiles / per_tile if divide else tiles * per_tile
+    return rearrange(scaled, "r c br bc -> (r br) (c bc)")[: matrix.shape[0], : matrix.shape[1]]
+
+
+# -- the public functions --------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def quantize(
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    storage_dtype: torch.dtype,
-    granularity: str,
-    block_size: int = 128,
-    channel_axis: int = 0,
-) -> torch.Tensor:
-    """Divide ``weight`` by its scales, clamp to the FP8 range and cast.
+def compute_scale(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
+    """Float32 scales ``amax / finfo(storage_dtype).max`` for each group of ``weight`` (see :func:`scale_from_amax`).
+
+    Args:
+        weight: a floating-point tensor.
+        layout: how the scales are grouped and the FP8 format they scale into.
 
     Returns:
-        A tensor of ``storage_dtype`` with ``weight``'s shape (contiguous).
+        A float32 tensor of ``layout.scale_shape(weight.shape)`` on ``weight``'s device.
 
     Example:
-        >>> w = torch.randn(8, 16)
-        >>> s = compute_scale(w, torch.float8_e4m3fn, "tensor")
-        >>> quantize(w, s, torch.float8_e4m3fn, "tensor").dtype
-        torch.float8_e4m3fn
+        >>> compute_scale(torch.ones(4, 6), FP8Layout("channel")).shape
+        torch.Size([4])
     """
-    limit = torch.finfo(storage_dtype).max
-    # divide in float32 so the cast to FP8 is the only rounding step
-    values = weight.detach().float()
-    if granularity == "tensor":
-        scaled = values / scale
-    elif granularity == "channel":
-        scaled = _from_2d(_to_2d(values, channel_axis) / scale[:, None], weight.shape, channel_axis)
-    else:
-        matrix = _to_2d(values, channel_axis)
-        tiles = _padded_tiles(matrix, block_size) / scale[:, :, None, None]
-        scaled = _from_2d(_untile(tiles, *matrix.shape), weight.shape, channel_axis)
-    # w / (amax / max) can round a hair above max; e4m3fn has no inf and would turn that into NaN
-    return scaled.clamp(-limit, limit).to(storage_dtype).contiguous()
+    shape = layout.scale_shape(weight.shape)
+    if weight.numel() == 0:  # nothing to scale; amax of an empty group is undefined
+        return torch.ones(shape, dtype=torch.float32, device=weight.device)
+    # amax in float32: bf16/fp16 amax is exact, but the division must not round twice
+    matrix = _view_2d(weight.detach().abs().float(), layout)
+    amax = _tiles(matrix, _tile_edges(layout, *matrix.shape)).amax(dim=(2, 3))
+    return scale_from_amax(amax, layout.fp8_max).reshape(shape)
 
 
 @torch.no_grad()
-def dequantize(
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    dtype: torch.dtype,
-    granularity: str,
-    block_size: int = 128,
-    channel_axis: int = 0,
-) -> torch.Tensor:
-    """Multiply FP8 ``data`` by its scales in float32 and round once to ``dtype``.
+def quantize(weight: torch.Tensor, scale: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
+    """Divide ``weight`` by its scales, clamp to the FP8 range and cast.
+
+    Args:
+        weight: a floating-point tensor.
+        scale: its scales, as :func:`compute_scale` gives them.
+        layout: the layout ``scale`` was computed for.
+
+    Returns:
+        A tensor of ``layout.storage_dtype`` with ``weight``'s shape (contiguous).
 
     Example:
-        >>> w = torch.randn(8, 16, dtype=torch.bfloat16)
-        >>> s = compute_scale(w, torch.float8_e4m3fn, "block", 4)
-        >>> q = quantize(w, s, torch.float8_e4m3fn, "block", 4)
-        >>> dequantize(q, s, torch.bfloat16, "block", 4).shape
+        >>> w, layout = torch.randn(8, 16), FP8Layout("tensor")
+        >>> quantize(w, compute_scale(w, layout), layout).dtype
+        torch.float8_e4m3fn
+    """
+    if weight.numel() == 0:
+        return torch.empty(weight.shape, dtype=layout.storage_dtype, device=weight.device)
+    # divide in float32 so the cast to FP8 is the only rounding step
+    matrix = _view_2d(weight.detach().float(), layout)
+    scaled = _from_view_2d(_scaled(matrix, scale, _tile_edges(layout, *matrix.shape), divide=True), weight.shape, layout)
+    # w / (amax / max) can round a hair above max; e4m3fn has no inf and would turn that into NaN
+    limit = layout.fp8_max
+    return scaled.clamp(-limit, limit).to(layout.storage_dtype).contiguous()
+
+
+@torch.no_grad()
+def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> torch.Tensor:
+    """Multiply FP8 ``data`` by its scales in float32 and round once to ``dtype``.
+
+    Args:
+        data: FP8 codes, the weight's shape.
+        scale: float32 scales of ``layout.scale_shape(data.shape)``.
+        layout: the layout the codes were quantized with.
+        dtype: the dtype of the result.
+
+    Returns:
+        A tensor of ``data``'s shape in ``dtype``.
+
+    Example:
+        >>> w, layout = torch.randn(8, 16, dtype=torch.bfloat16), FP8Layout("block", block_size=4)
+        >>> s = compute_scale(w, layout)
+        >>> dequantize(quantize(w, s, layout), s, layout, torch.bfloat16).shape
         torch.Size([8, 16])
     """
+    if data.numel() == 0:
+        return torch.empty(data.shape, dtype=dtype, device=data.device)
     # FP8 -> float32 is exact; multiplying in float32 leaves a single rounding to `dtype`
-    values = data.float()
-    if granularity == "tensor":
-        out = values * scale
-    elif granularity == "channel":
-        out = _from_2d(_to_2d(values, channel_axis) * scale[:, None], data.shape, channel_axis)
-    else:
-        matrix = _to_2d(values, channel_axis)
-        tiles = _padded_tiles(matrix, block_size) * scale[:, :, None, None]
-        out = _from_2d(_untile(tiles, *matrix.shape), data.shape, channel_axis)
-    return out.to(dtype)
+    matrix = _view_2d(data.float(), layout)
+    out = _scaled(matrix, scale, _tile_edges(layout, *matrix.shape), divide=False)
+    return _from_view_2d(out, data.shape, layout).to(dtype)
 
 
 @torch.no_grad()
 def dequantize_rows(
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    indices: torch.Tensor,
-    dtype: torch.dtype,
-    granularity: str,
-    block_size: int = 128,
+    data: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor, layout: FP8Layout, dtype: torch.dtype
 ) -> torch.Tensor:
     """Gather rows ``indices`` of a 2-D channel-first FP8 matrix and dequantize only them.
 
     Used for embedding tables: the cost is that of the looked-up rows, not of the table.
 
+    Args:
+        data: FP8 codes ``(rows, D)``; ``layout.channel_axis`` is 0.
+        scale: its float32 scales.
+        indices: integer row indices, any shape.
+        layout: the layout the codes were quantized with.
+        dtype: the dtype of the result.
+
     Returns:
-        A tensor of shape ``indices.shape + (data.shape[1],)`` and dtype ``dtype``.
+        A tensor of shape ``indices.shape + (D,)`` and dtype ``dtype``.
     """
     flat = indices.reshape(-1)
+    # gather first: an index outside the table raises here, as it does in F.embedding
+    picked = data.index_select(0, flat)
+    rows, cols = data.shape
+    if picked.numel() == 0:
+        return picked.to(dtype).reshape(*indices.shape, cols)
+    edges = _tile_edges(layout, rows, cols)
+    # the table's scales as a (tile rows, tile cols) grid; each looked-up row takes its tile row of it
+    grid = scale.reshape(-(-rows // edges[0]), -(-cols // edges[1]))
+    row_scales = grid.index_select(0, torch.div(flat, edges[0], rounding_mode="floor"))
     # FP8 -> float32 is exact; see `dequantize`
-    rows = data.index_select(0, flat).float()
-    if granularity == "tensor":
-        rows = rows * scale
-    elif granularity == "channel":
-        rows = rows * scale.index_select(0, flat)[:, None]
-    else:
-        row_scales = scale.index_select(0, torch.div(flat, block_size, rounding_mode="floor"))
-        per_column = row_scales.repeat_interleave(block_size, dim=1)[:, : data.shape[1]]
-        rows = rows * per_column
-    return rows.to(dtype).reshape(*indices.shape, data.shape[1])
+    out = _scaled(picked.float(), row_scales, (1, edges[1]), divide=False)
+    return out.to(dtype).reshape(*indices.shape, cols)

@@ -1,5 +1,10 @@
 """Dedicated paths for the layers fp8ctx targets: Linear, Conv*, ConvTranspose*, Embedding.
 
+Each handler is registered in :data:`FUNCTIONS` for the torch functions it replaces, with the argument that
+holds the weight; ``FP8Tensor.__torch_function__`` runs it when that argument is the call's only FP8 weight
+(otherwise the call runs as torch would, on dequantized values). Layering: this module knows FP8 weights only
+through their public attributes, so ``_tensor`` imports it, not the other way round.
+
 Memory bound: inside a forward, at most one weight's dense copy exists at a time. A handler dequantizes
 its weight (or not at all, on the fused GPU path), runs the op, and drops the copy before returning.
 When autograd records the op (an input requires grad), the dense copy is not kept for backward: a
@@ -11,16 +16,52 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import kernels
 from ._errors import FP8Error
-from ._tensor import FP8Tensor, implements
 
-__all__: list[str] = []
+if TYPE_CHECKING:
+    from ._tensor import FP8Tensor
+
+__all__ = ["FUNCTIONS", "Handler", "implements"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Handler:
+    """A dedicated path for one torch function, taken when its weight argument is the call's only FP8 weight."""
+
+    run: Callable[..., Any]
+    weight_at: int  # the weight's position ...
+    weight_keyword: str  # ... or keyword in the torch function's signature
+
+    def applies(self, fp8_type: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether ``run`` takes this call: the weight is an ``fp8_type`` and no other argument is one."""
+        position = self.weight_at
+        weight = args[position] if len(args) > position else kwargs.get(self.weight_keyword)
+        if not isinstance(weight, fp8_type):
+            return False
+        return sum(isinstance(value, fp8_type) for value in (*args, *kwargs.values())) == 1
+
+
+# torch function -> its dedicated FP8 path
+FUNCTIONS: dict[Callable[..., Any], Handler] = {}
+
+
+def implements(
+    *functions: Callable[..., Any], weight_at: int = 1, weight_keyword: str = "weight"
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a handler that runs instead of each of ``functions`` when its weight argument is FP8."""
+
+    def register(run: Callable[..., Any]) -> Callable[..., Any]:
+        for function in functions:
+            FUNCTIONS[function] = Handler(run, weight_at, weight_keyword)
+        return run
+
+    return register
 
 
 def _records_grad(*tensors: Any) -> bool:
@@ -73,12 +114,6 @@ def _saved_as_fp8(weight: FP8Tensor, dense: torch.Tensor) -> Iterator[None]:
         yield
 
 
-def _passthrough(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run ``func`` as torch would; FP8 arguments are dequantized by ``__torch_dispatch__``."""
-    with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **kwargs)
-
-
 def _with_dense_weight(func: Callable[..., Any], input: Any, weight: FP8Tensor, *args: Any, **kwargs: Any) -> Any:
     """Dequantize ``weight`` once, run ``func`` on it, let the copy go when the call returns."""
     dense = weight.dequantize()
@@ -89,20 +124,15 @@ def _with_dense_weight(func: Callable[..., Any], input: Any, weight: FP8Tensor, 
 
 
 @implements(F.linear)
-def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
-    if not isinstance(weight, FP8Tensor) or isinstance(input, FP8Tensor) or isinstance(bias, FP8Tensor):
-        return _passthrough(F.linear, (input, weight, bias), {})
+def _linear(input: torch.Tensor, weight: FP8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.value_dtype != weight.compute_dtype or _records_grad(input, bias):
         return _with_dense_weight(F.linear, input, weight, bias)
-    layout = weight.fp8_layout
     run = kernels.fp8_linear if weight.compute == "fp8" else kernels.linear
-    return run(input, weight.qdata, weight.scale, weight.compute_dtype, layout.granularity, layout.block_size, bias)
+    return run(input, weight.qdata, weight.scale, weight.fp8_layout, weight.compute_dtype, bias)
 
 
 def _convolution(func: Callable[..., Any]) -> Callable[..., Any]:
-    def handler(input: Any, weight: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(weight, FP8Tensor) or isinstance(input, FP8Tensor):
-            return _passthrough(func, (input, weight, *args), kwargs)
+    def handler(input: torch.Tensor, weight: FP8Tensor, *args: Any, **kwargs: Any) -> Any:
         return _with_dense_weight(func, input, weight, *args, **kwargs)
 
     return handler
@@ -114,17 +144,14 @@ for _conv in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose
 
 @implements(F.embedding)
 def _embedding(
-    input: Any,
-    weight: Any,
+    input: torch.Tensor,
+    weight: FP8Tensor,
     padding_idx: int | None = None,
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     sparse: bool = False,
-) -> Any:
-    if not isinstance(weight, FP8Tensor) or isinstance(input, FP8Tensor):
-        args = (input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-        return _passthrough(F.embedding, args, {})
+) -> torch.Tensor:
     if max_norm is not None:
         raise FP8Error(
             f"embedding {weight.param_name!r} has max_norm={max_norm}, which renormalizes the table in place; an "
@@ -132,20 +159,16 @@ def _embedding(
         )
     if weight.value_dtype != weight.compute_dtype:
         return F.embedding(input, weight.dequantize())
-    layout = weight.fp8_layout
     # padding_idx and scale_grad_by_freq only shape the weight's gradient, which FP8 weights never get
-    return kernels.embedding(
-        input, weight.qdata, weight.scale, weight.compute_dtype, layout.granularity, layout.block_size
-    )
-
+    return kernels.embedding(input, weight.qdata, weight.scale, weight.fp8_layout, weight.compute_dtype)
 
 
 # NumPy arrays and Python lists cannot hold an FP8Tensor lazily: they get the dense values
-@implements(torch.Tensor.numpy)
-def _numpy(self: Any, *args: Any, **kwargs: Any) -> Any:
+@implements(torch.Tensor.numpy, weight_at=0, weight_keyword="self")
+def _numpy(self: FP8Tensor, *args: Any, **kwargs: Any) -> Any:
     return self.dequantize().numpy(*args, **kwargs)
 
 
-@implements(torch.Tensor.tolist)
-def _tolist(self: Any) -> Any:
+@implements(torch.Tensor.tolist, weight_at=0, weight_keyword="self")
+def _tolist(self: FP8Tensor) -> Any:
     return self.dequantize().tolist()

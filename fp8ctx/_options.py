@@ -159,7 +159,7 @@ def _check_agrees(store: Mapping[str, Any], options: Options) -> None:
                     f"{option}={_spell(asked)} contradicts the given store, whose entry {name!r} holds "
                     f"{option}={_spell(held[option])}; leave {option}= out or build a new store"
                 )
-        check_compute(config.compute, entry.storage_dtype, layout.granularity)
+        check_compute(config.compute, layout)
 
 
 def _spell(value: Any) -> str:

@@ -13,11 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import _numerics
 from ._config import ExcludeRule, FP8Config
 from ._errors import FP8Error
 from ._progress import progress
-from ._tensor import FP8Layout, FP8Tensor, make_fp8_tensor
+from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice
 
 __all__ = ["Plan", "Target", "check_overlap", "find_targets", "quantize_target", "targets_from_store"]
@@ -170,18 +169,7 @@ def quantize_target(target: Target, config: FP8Config) -> FP8Tensor:
     Raises:
         FP8Error: the weight holds NaN or Inf (names the parameter and how to leave its layer out).
     """
-    weight = target.param.detach()
-    axis = target.channel_axis
-    granularity = config.granularity.value
-    scale = _numerics.compute_scale(weight, config.storage_dtype, granularity, config.block_size, axis)
-    # NaN/Inf amax propagates into the scale: a few floats to check instead of the whole weight
-    if not bool(torch.isfinite(scale).all()):
-        raise FP8Error(
-            f"weight {target.name!r} contains NaN or Inf; FP8 cannot represent it. Fix the weight, or leave the "
-            f"layer out with exclude=[{target.layer!r}]"
-        )
-    data = _numerics.quantize(weight, scale, config.storage_dtype, granularity, config.block_size, axis)
-    return make_fp8_tensor(data, scale, FP8Layout(granularity, config.block_size, axis), weight.dtype, target.name)
+    return FP8Tensor.from_dense(target.param, config.layout(target.channel_axis), name=target.name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _layout
-from . import _ops  # noqa: F401  (registers the FP8 paths of Linear, Conv and Embedding that stored weights take)
 from ._config import Exclude, FP8Config
 from ._errors import FP8Error
+from ._layout import FP8Layout
 from ._options import check_progress_bar, resolve
 from ._plan import Plan
-from ._tensor import FP8Layout, FP8Tensor, make_fp8_tensor
+from ._tensor import FP8Tensor
 
 __all__ = ["FP8Store"]
 
@@ -180,7 +179,7 @@ class FP8Store(Mapping[str, FP8Tensor]):
         for name, entry in self._entries.items():
             tensors[name] = entry.qdata.contiguous()
             tensors[name + ":scale"] = entry.scale.contiguous()
-            layouts[name] = {**_layout_of(entry).to_dict(), "dtype": str(entry.dtype).removeprefix("torch.")}
+            layouts[name] = {**entry.fp8_layout.to_dict(), "dtype": str(entry.dtype).removeprefix("torch.")}
         metadata = {"fp8ctx.layouts": json.dumps(layouts)}
         if len({_scheme(entry) for entry in self._entries.values()}) <= 1:
             config = self.config.to_dict()
@@ -224,12 +223,7 @@ class FP8Store(Mapping[str, FP8Tensor]):
 
 def _scheme(entry: FP8Tensor) -> tuple[Any, ...]:
     """An entry's values of the config's scheme fields (``_SCHEME_FIELDS``' order)."""
-    return (entry.storage_dtype, _layout.Granularity.parse(entry.fp8_layout.granularity), entry.fp8_layout.block_size)
-
-
-def _layout_of(entry: FP8Tensor) -> _layout.FP8Layout:
-    layout = entry.fp8_layout
-    return _layout.FP8Layout(layout.granularity, layout.block_size, layout.channel_axis, entry.storage_dtype)
+    return tuple(getattr(entry.fp8_layout, field) for field in _SCHEME_FIELDS)
 
 
 def _json_object(text: str, where: str, key: str) -> dict[str, Any]:
@@ -257,21 +251,9 @@ def _read_entry(handle: Any, present: set[str], name: str, fields: Any, where: s
     if dtype is None:
         raise FP8Error(f"{where!r}: entry {name!r} needs dtype, one of {sorted(_DENSE_DTYPES)}")
     data, scale = handle.get_tensor(name), handle.get_tensor(name + ":scale")
-    fields.setdefault("storage_dtype", data.dtype)  # files from before the layout named it
+    fields.setdefault("storage_dtype", str(data.dtype))  # files from before the layout named it
+    layout = FP8Layout.from_dict(fields, f"{where!r}: layout of entry {name!r}")
     try:
-        layout = _layout.FP8Layout(**fields)
-    except TypeError as error:
-        raise FP8Error(f"{where!r}: entry {name!r} has a bad layout {fields}: {error}") from None
-    except FP8Error as error:
-        raise FP8Error(f"{where!r}: entry {name!r}: {error}") from None
-    if data.dtype != layout.storage_dtype:
-        raise FP8Error(f"{where!r}: entry {name!r} holds {data.dtype} codes, its layout says {layout.storage_dtype}")
-    if layout.channel_axis >= max(data.dim(), 1):
-        raise FP8Error(f"{where!r}: entry {name!r} has channel_axis {layout.channel_axis} for shape {tuple(data.shape)}")
-    if scale.dtype != torch.float32 or tuple(scale.shape) != layout.scale_shape(data.shape):
-        raise FP8Error(
-            f"{where!r}: entry {name!r} has {scale.dtype} scales of shape {tuple(scale.shape)}, its layout needs "
-            f"float32 of shape {layout.scale_shape(data.shape)}"
-        )
-    legacy = FP8Layout(layout.granularity.value, layout.block_size, layout.channel_axis)
-    return make_fp8_tensor(data, scale, legacy, dtype, name)
+        return FP8Tensor.from_fp8(data, scale, layout, dtype, name=name)
+    except FP8Error as error:  # codes and scales that do not fit the layout: say which file
+        raise FP8Error(f"{where!r}: {error}") from None

@@ -2,117 +2,149 @@
 
 An ``FP8Tensor`` holds FP8 data plus float32 scales (see ``_numerics`` for the convention) and reports the
 original weight's dtype, shape and device. Layers that fp8ctx knows (Linear, Conv*, ConvTranspose*,
-Embedding) reach it through ``__torch_function__`` and run a dedicated path; every other read of it
-(``w.float()``, ``w @ x``, ``w.T``...) falls through to ``__torch_dispatch__``, which dequantizes it first, so
-no caller ever sees raw FP8 codes. Writes into it raise: an FP8 weight is read-only while held.
+Embedding) reach it through ``__torch_function__`` and run a dedicated path (the handlers of ``_ops``, which
+this module imports: importing the tensor is what registers them); every other read of it (``w.float()``,
+``w @ x``, ``w.T``...) falls through to ``__torch_dispatch__``, which dequantizes it first, so no caller ever
+sees raw FP8 codes. Writes into it raise (``_readonly``): an FP8 weight is read-only while held.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
-from . import kernels
+from . import _numerics, kernels
 from ._errors import FP8Error
+from ._layout import STORAGE_DTYPES, FP8Layout
+from ._ops import FUNCTIONS
+from ._readonly import ReadOnlyTensor, read_only, refuse_python_writes, refuse_writes
 
-__all__ = ["FP8Layout", "FP8Tensor", "implements"]
+__all__ = ["FP8Meta", "FP8Tensor"]
 
 _aten = torch.ops.aten
-
-# torch functions with a dedicated FP8 path, filled by `implements` (see `_ops`)
-_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 # ops that only re-wrap the same storage; they must return an FP8Tensor, not a dense copy
 _ALIASES = {_aten.detach.default, _aten.alias.default}
 
-
-def implements(*functions: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a handler that runs instead of ``function`` when an ``FP8Tensor`` is among its arguments."""
-
-    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
-        for function in functions:
-            _FUNCTIONS[function] = handler
-        return handler
-
-    return register
+# the tensors an FP8Tensor wraps (torch.compile traces through them)
+_INNER = ("_data", "_scale")
 
 
 @dataclasses.dataclass(frozen=True)
-class FP8Layout:
-    """Where a weight's scales apply: granularity, block edge and output-channel axis."""
+class FP8Meta:
+    """Everything an :class:`FP8Tensor` is besides its codes and scales, declared once.
 
-    granularity: str
-    block_size: int
-    channel_axis: int
-
-
-class FP8Tensor(torch.Tensor):
-    """An FP8 weight (data + float32 scale) that reports the original dtype, shape and device.
+    An ``FP8Tensor`` reads each field as an attribute of its own (``w.fp8_layout``, ``w.param_name``...);
+    its copies, torch.compile's flatten context and cache key, and its repr are all built from this record.
 
     Args:
-        data: FP8 codes, the original weight's shape.
-        scale: float32 scales, shaped as ``_numerics.scale_shape`` says.
-        layout: granularity, block size and channel axis the scales refer to.
-        dtype: the original (compute) dtype; :meth:`dequantize` returns it.
-        name: the parameter name, used in error messages.
-        value_dtype: the dtype values are rounded to when dequantized (default ``dtype``). It differs from
-            ``dtype`` only after a conversion such as ``module.float()`` inside the block, which then gives
-            exactly what converting the dequantized ``value_dtype`` weight would give.
-        compute: ``"weight_only"`` (activations stay in ``dtype``) or ``"fp8"`` (Linear layers also round
+        fp8_layout: the scheme the codes and scales are stored in (storage dtype included).
+        compute_dtype: the original weight's dtype: the one the tensor reports and :meth:`FP8Tensor.dequantize`
+            returns.
+        param_name: the parameter name, for error messages. Not compared: it changes no computation, so
+            weights that differ only in name share compiled graphs.
+        value_dtype: the dtype values are rounded to when dequantized (default ``compute_dtype``). It differs
+            only after a conversion such as ``module.float()`` inside the block, which then gives exactly what
+            converting the dequantized ``value_dtype`` weight would give.
+        compute: ``"weight_only"`` (activations stay in ``compute_dtype``) or ``"fp8"`` (Linear layers also round
             activations to FP8 per token and multiply in FP8; see ``kernels.fp8_linear``).
+    """
+
+    fp8_layout: FP8Layout
+    compute_dtype: torch.dtype
+    param_name: str = dataclasses.field(default="", compare=False)
+    value_dtype: torch.dtype = None  # type: ignore[assignment]  # None: compute_dtype
+    compute: str = "weight_only"
+
+    def __post_init__(self) -> None:
+        if self.value_dtype is None:
+            object.__setattr__(self, "value_dtype", self.compute_dtype)
+
+
+class FP8Tensor(ReadOnlyTensor):
+    """An FP8 weight (codes + float32 scales) that reports the original dtype, shape and device.
+
+    Build one with :meth:`from_dense` (quantizes a weight) or :meth:`from_fp8` (wraps codes and scales
+    made elsewhere, checked). Besides :attr:`qdata`, :attr:`scale` and :attr:`storage_dtype`, it has the
+    fields of :class:`FP8Meta` as read-only attributes: ``fp8_layout``, ``compute_dtype``, ``param_name``,
+    ``value_dtype`` and ``compute``.
 
     Example:
-        >>> store = fp8ctx.FP8Store.from_module(torch.nn.Linear(16, 8))
-        >>> w = store["weight"]
-        >>> w.shape, w.dtype, w.storage_dtype, w.dequantize().dtype
-        (torch.Size([8, 16]), torch.float32, torch.float8_e4m3fn, torch.float32)
+        >>> w = FP8Tensor.from_dense(torch.randn(8, 16), FP8Layout("channel"), name="fc.weight")
+        >>> w.shape, w.dtype, w.storage_dtype, w.scale.shape, w.dequantize().dtype
+        (torch.Size([8, 16]), torch.float32, torch.float8_e4m3fn, torch.Size([8]), torch.float32)
     """
 
     _data: torch.Tensor
     _scale: torch.Tensor
-    compute_dtype: torch.dtype
-    fp8_layout: FP8Layout
-    param_name: str
-    value_dtype: torch.dtype
-    compute: str
+    _meta: FP8Meta
 
     @staticmethod
-    def __new__(
-        cls,
-        data: torch.Tensor,
-        scale: torch.Tensor,
-        layout: FP8Layout,
-        dtype: torch.dtype,
-        name: str = "",
-        value_dtype: torch.dtype | None = None,
-        compute: str = "weight_only",
-    ) -> FP8Tensor:
-        return torch.Tensor._make_wrapper_subclass(
-            cls, data.shape, strides=data.stride(), dtype=dtype, device=data.device, requires_grad=False
+    def __new__(cls, data: torch.Tensor, scale: torch.Tensor, meta: FP8Meta) -> FP8Tensor:
+        # codes and scales as they are: the public constructors below are the ones that check
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, data.shape, strides=data.stride(), dtype=meta.compute_dtype, device=data.device, requires_grad=False
         )
+        self._data, self._scale, self._meta = data, scale, meta
+        return self
 
-    def __init__(
-        self,
-        data: torch.Tensor,
-        scale: torch.Tensor,
-        layout: FP8Layout,
-        dtype: torch.dtype,
-        name: str = "",
-        value_dtype: torch.dtype | None = None,
-        compute: str = "weight_only",
-    ) -> None:
-        self._data = data
-        self._scale = scale
-        # the reported dtype as a plain attribute: reading `self.dtype` goes through __torch_function__
-        self.compute_dtype = dtype
-        self.fp8_layout = layout
-        self.param_name = name
-        self.value_dtype = value_dtype or dtype
-        self.compute = compute
+    # -- building one ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, layout: FP8Layout, *, name: str = "") -> FP8Tensor:
+        """Quantize ``weight`` into a new FP8 weight; ``weight`` itself is only read.
+
+        Args:
+            weight: a floating-point tensor; its dtype becomes the compute dtype.
+            layout: the scheme to store it in (its ``channel_axis`` must be the weight's output-channel axis).
+            name: the parameter name, for error messages.
+
+        Returns:
+            The FP8Tensor, flagged as an ``nn.Parameter`` without grad: what a store holds and the context
+            swaps in.
+
+        Raises:
+            FP8Error: ``weight`` is not a float tensor, or holds NaN or Inf (names ``name``).
+        """
+        weight = weight.detach()
+        if not weight.is_floating_point() or weight.dtype in STORAGE_DTYPES:
+            raise FP8Error(f"weight {name!r} must be a float16/bfloat16/float32/float64 tensor, got {weight.dtype}")
+        scale = _numerics.compute_scale(weight, layout)
+        if not bool(torch.isfinite(scale).all()):  # the scale holds the amax, and it is small to check
+            raise FP8Error(
+                f"weight {name!r} contains NaN or Inf; FP8 cannot represent it. Fix the weight, or leave its layer "
+                "out with exclude="
+            )
+        data = _numerics.quantize(weight, scale, layout)
+        return _as_parameter(cls(data, scale, FP8Meta(layout, weight.dtype, name)))
+
+    @classmethod
+    def from_fp8(
+        cls, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, *, name: str = ""
+    ) -> FP8Tensor:
+        """Wrap FP8 codes and scales quantized elsewhere (e.g. read from a file), after checking they fit.
+
+        Args:
+            data: FP8 codes of ``layout.storage_dtype``, the weight's shape.
+            scale: positive, finite float32 scales of ``layout.scale_shape(data.shape)``, on ``data``'s device.
+            layout: the scheme they were stored in.
+            dtype: the original weight's dtype (a float dtype).
+            name: the parameter name, for error messages.
+
+        Returns:
+            The FP8Tensor, flagged as an ``nn.Parameter`` without grad.
+
+        Raises:
+            FP8Error: any of the above does not hold (names ``name``, what was expected and what came).
+        """
+        problem = _mismatch(data, scale, layout, dtype)
+        if problem:
+            raise FP8Error(f"weight {name!r}: {problem}")
+        return _as_parameter(cls(data, scale, FP8Meta(layout, dtype, name)))
 
     # -- what users read -------------------------------------------------------------------------------
 
@@ -128,7 +160,7 @@ class FP8Tensor(torch.Tensor):
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return self._data.dtype
+        return self._meta.fp8_layout.storage_dtype
 
     @property
     def nbytes(self) -> int:  # type: ignore[override]
@@ -137,12 +169,10 @@ class FP8Tensor(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
         """A dense copy in ``dtype`` (default: the original dtype): the values every layer computes with."""
-        layout = self.fp8_layout
-        dense = kernels.dequantize(
-            self._data, self._scale, self.value_dtype, layout.granularity, layout.block_size, layout.channel_axis
-        )
-        wanted = dtype or self.compute_dtype
-        return dense if wanted == self.value_dtype else dense.to(wanted)
+        meta = self._meta
+        dense = kernels.dequantize(self._data, self._scale, meta.fp8_layout, meta.value_dtype)
+        wanted = dtype or meta.compute_dtype
+        return dense if wanted == meta.value_dtype else dense.to(wanted)
 
     def to_device(self, device: torch.device | str) -> FP8Tensor:
         """The same FP8 weight with data and scales on ``device`` (no dequantization)."""
@@ -152,44 +182,35 @@ class FP8Tensor(torch.Tensor):
         """The same FP8 weight (shared codes and scales) computing in ``compute`` mode."""
         return _as_parameter(self._rewrap(compute=compute))
 
-    def _rewrap(
-        self,
-        data: torch.Tensor | None = None,
-        scale: torch.Tensor | None = None,
-        dtype: torch.dtype | None = None,
-        compute: str | None = None,
-    ) -> FP8Tensor:
-        return FP8Tensor(
-            self._data if data is None else data,
-            self._scale if scale is None else scale,
-            self.fp8_layout,
-            dtype or self.compute_dtype,
-            self.param_name,
-            self.value_dtype,
-            compute or self.compute,
-        )
+    def _rewrap(self, data: torch.Tensor | None = None, scale: torch.Tensor | None = None, **changes: Any) -> FP8Tensor:
+        """A new wrapper over other (or the same) tensors, with some :class:`FP8Meta` fields changed."""
+        meta = dataclasses.replace(self._meta, **changes) if changes else self._meta
+        return FP8Tensor(self._data if data is None else data, self._scale if scale is None else scale, meta)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
-        return (
-            f"FP8Tensor(name={self.param_name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
-            f"storage_dtype={self.storage_dtype}, granularity={self.fp8_layout.granularity!r}, device={self.device}"
-            + (f", compute={self.compute!r})" if self.compute != "weight_only" else ")")
-        )
+        meta = ", ".join(f"{field.name}={getattr(self._meta, field.name)!r}" for field in dataclasses.fields(FP8Meta))
+        return f"FP8Tensor(shape={tuple(self.shape)}, device={self.device}, {meta})"
 
     # -- torch.compile support: the two inner tensors are the real state ------------------------------
 
-    def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
-        return ["_data", "_scale"], (self.fp8_layout, self.dtype, self.param_name, self.value_dtype, self.compute)
+    def __tensor_flatten__(self) -> tuple[list[str], FP8Meta]:
+        # Besides torch.compile, this is what keeps a stand-in's identity through `module.to()` / `.half()`
+        # inside the block: for a tensor subclass that flattens, nn.Module._apply swaps the converted contents
+        # into the same Parameter object (torch.utils.swap_tensors); otherwise it would set `param.data`, a
+        # write into the held weight that is refused.
+        return list(_INNER), self._meta
 
     @staticmethod
     def __tensor_unflatten__(
-        inner: dict[str, torch.Tensor], context: tuple[Any, ...], outer_size: Any, outer_stride: Any
+        inner: dict[str, torch.Tensor], meta: FP8Meta, outer_size: Any, outer_stride: Any
     ) -> FP8Tensor:
-        return FP8Tensor(inner["_data"], inner["_scale"], *context)
+        return FP8Tensor(*(inner[name] for name in _INNER), meta)
 
     def _stable_hash_for_caching(self) -> str:
-        # torch.compile's AOT cache key: the structure only; values are graph inputs, the name is cosmetic
-        return f"FP8Tensor{tuple(self.shape)}{self.dtype}{self.value_dtype}{self.storage_dtype}{tuple(self._scale.shape)}{self.fp8_layout}{self.compute}"
+        # torch.compile's AOT cache key: the structure only (values are graph inputs): the shapes and the
+        # meta's compared fields
+        key = tuple(getattr(self._meta, field.name) for field in dataclasses.fields(FP8Meta) if field.compare)
+        return f"FP8Tensor{tuple(self.shape)}{tuple(self._scale.shape)}{key}"
 
     # -- interception ----------------------------------------------------------------------------------
 
@@ -197,10 +218,10 @@ class FP8Tensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         # hot path: every layer call and every `.dtype`/`.shape` read of a held weight lands here
         kwargs = kwargs or {}
-        handler = _FUNCTIONS.get(func)
-        if handler is not None:
-            return handler(*args, **kwargs)
-        _refuse_python_writes(func, args, kwargs)
+        handler = FUNCTIONS.get(func)
+        if handler is not None and handler.applies(FP8Tensor, args, kwargs):
+            return handler.run(*args, **kwargs)
+        refuse_python_writes(func, args, kwargs)
         # unlike torch.Tensor's default, results are never re-wrapped as FP8Tensor
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -214,14 +235,14 @@ class FP8Tensor(torch.Tensor):
             moved = _moved(args[0], **kwargs)
             if moved is not None:
                 return moved
-        _refuse_writes(func, args, kwargs)
-        source = next(t for t in _flat(args, kwargs) if isinstance(t, FP8Tensor))
+        refuse_writes(func, args, kwargs)
+        source = next(t for t in tree_leaves((args, kwargs)) if isinstance(t, FP8Tensor))
         args, kwargs = tree_map_only(FP8Tensor, FP8Tensor.dequantize, (args, kwargs))
         out = func(*args, **kwargs)
         if func.is_view:
             # views of the temporary dense copy (one, or a list from split/unbind/chunk): writes through
             # them would be lost, so they must raise
-            out = tree_map_only(torch.Tensor, lambda view: _read_only(view, source.param_name), out)
+            out = tree_map_only(torch.Tensor, lambda view: read_only(view, source.param_name), out)
         return out
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FP8Tensor:
@@ -231,81 +252,6 @@ class FP8Tensor(torch.Tensor):
         return copied
 
 
-class ReadOnlyView(torch.Tensor):
-    """A dense view (``w.T``, ``w[0]``, ``w.view(-1)``) of an FP8-held weight: reads work, writes raise."""
-
-    fp8_source: str
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        _refuse_python_writes(func, args, kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
-        source = next((a for a in args if isinstance(a, ReadOnlyView)), None)
-        if source is None:
-            return out
-        # a view of a view (w.T[0], w.view(-1).view(2, -1)) is just as read-only
-        return tree_map_only(
-            torch.Tensor, lambda t: _read_only(t, source.fp8_source) if _shares_storage(t, source) else t, out
-        )
-
-
-def _read_only(view: torch.Tensor, weight_name: str) -> ReadOnlyView:
-    marked = view.as_subclass(ReadOnlyView)
-    marked.fp8_source = weight_name
-    return marked
-
-
-def _shares_storage(tensor: torch.Tensor, other: torch.Tensor) -> bool:
-    try:
-        return tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, fake) hold no values to protect
-        return False
-
-
-# in-place Python operators; other in-place methods end in a single underscore
-_INPLACE_OPERATORS = {
-    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
-    "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
-}
-_HARMLESS_INPLACE = {"requires_grad_", "retain_grad", "share_memory_"}
-
-
-def _refuse_python_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise if ``func`` writes into an FP8Tensor or a view of one (seen at the ``__torch_function__`` level)."""
-    name = getattr(func, "__name__", "")
-    in_place = name in _INPLACE_OPERATORS or (
-        name.endswith("_") and not name.endswith("__") and name not in _HARMLESS_INPLACE
-    )
-    out = kwargs.get("out")
-    if name == "__set__" and getattr(func, "__self__", None) is torch.Tensor.data:
-        in_place = True  # `weight.data = t` would replace the held weight's values behind the context's back
-    if not in_place and out is None:  # reads (property getters included) are the common case: no flattening
-        return
-    targets = [args[0]] if in_place and args else []
-    if out is not None:
-        targets += _flat((), out)
-    for target in targets:
-        if isinstance(target, (FP8Tensor, ReadOnlyView)):
-            weight = target.param_name if isinstance(target, FP8Tensor) else target.fp8_source
-            raise _write_error(name or func, weight)
-
-
-def _write_error(operation: Any, weight: str) -> FP8Error:
-    return FP8Error(
-        f"{operation} would write into weight {weight!r}, which is held as FP8 inside fp8_weights(); a write could "
-        "only reach a temporary dequantized copy. Modify the weight outside the block, leave this layer out with "
-        "exclude=, or write into a dense copy (weight.dequantize() or weight.clone())."
-    )
-
-
-def _flat(args: Any, kwargs: Any) -> list[Any]:
-    from torch.utils._pytree import tree_leaves
-
-    return tree_leaves((args, kwargs))
-
-
 def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = None, **options: Any) -> FP8Tensor | None:
     """``.to(device)`` / ``.to(float_dtype)`` keep FP8 storage: the FP8 codes move, the compute dtype changes.
 
@@ -313,7 +259,7 @@ def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = No
     block: each layer's weight stays FP8 on its layer's device instead of becoming a dense copy. Conversions
     to non-float dtypes return dense values instead (``None`` here).
     """
-    if dtype is not None and (not dtype.is_floating_point or dtype in (torch.float8_e4m3fn, torch.float8_e5m2)):
+    if dtype is not None and (not dtype.is_floating_point or dtype in STORAGE_DTYPES):
         return None
     non_blocking = bool(options.get("non_blocking", False))
     data, scale = source._data, source._scale
@@ -323,17 +269,7 @@ def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = No
     if memory_format not in (None, torch.preserve_format):
         # module.to(memory_format=torch.channels_last): the codes take the layout; the originals follow on exit
         data = data.contiguous(memory_format=memory_format)
-    return source._rewrap(data, scale, dtype)
-
-
-def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise if ``func`` would write into an FP8Tensor: the write would land in a temporary copy."""
-    for position, argument in enumerate(func._schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = args[position] if position < len(args) else kwargs.get(argument.name)
-        if isinstance(value, FP8Tensor):
-            raise _write_error(func, value.param_name)
+    return source._rewrap(data, scale) if dtype is None else source._rewrap(data, scale, compute_dtype=dtype)
 
 
 def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:
@@ -341,8 +277,30 @@ def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:
     return torch.nn.Parameter(tensor, requires_grad=False)  # type: ignore[return-value]
 
 
-def make_fp8_tensor(
-    data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, name: str
-) -> FP8Tensor:
-    """Build the parameter-flagged FP8Tensor that the store holds and the context swaps in."""
-    return _as_parameter(FP8Tensor(data, scale, layout, dtype, name))
+def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: object) -> str:
+    """What does not fit in codes and scales said to be stored as ``layout`` (empty when all fits)."""
+    if not isinstance(data, torch.Tensor) or data.dtype != layout.storage_dtype:
+        return f"codes must be a {layout.storage_dtype} tensor, got {getattr(data, 'dtype', type(data).__name__)}"
+    if data.dim() and layout.channel_axis >= data.dim():
+        return f"channel_axis {layout.channel_axis} is not an axis of a {data.dim()}-d weight"
+    want = layout.scale_shape(data.shape)
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != want:
+        got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+        return f"scales must be float32 of shape {want} for {layout} and codes {tuple(data.shape)}, got {got}"
+    if scale.device != data.device:
+        return f"scales are on {scale.device} but codes on {data.device}; load both onto one device"
+    bad = int((~((scale > 0) & torch.isfinite(scale))).sum())
+    if bad:
+        return f"scales must be positive and finite, as quantizing makes them; {bad} of {scale.numel()} are not (damaged data)"
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in STORAGE_DTYPES:
+        return f"the original dtype must be float16, bfloat16, float32 or float64, got {dtype!r}"
+    return ""
+
+
+# FP8Meta's fields, read as the tensor's own attributes (w.fp8_layout, w.param_name...), without a second list
+def _meta_attribute(name: str) -> property:
+    return property(lambda self: getattr(self._meta, name), doc=f"The :class:`FP8Meta` field ``{name}``.")
+
+
+for _field in dataclasses.fields(FP8Meta):
+    setattr(FP8Tensor, _field.name, _meta_attribute(_field.name))

@@ -101,10 +101,12 @@ def reference_qdq(
     fmax = FP8_MAX[storage_dtype]
     w = weight.detach().float().movedim(channel_axis, 0)
     shape = w.shape
-    w = w.reshape(shape[0], -1)
+    w = w.reshape(shape[0], math.prod(shape[1:]))  # sizes spelled out: a weight may have no channels
     out = torch.empty_like(w)
 
     def qdq(group: torch.Tensor) -> torch.Tensor:
+        if group.numel() == 0:  # nothing to round
+            return group
         amax = group.abs().max()
         scale = amax / fmax if amax > 0 else torch.tensor(1.0)
         q = torch.clamp(group / scale, -fmax, fmax).to(storage_dtype)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import relative_error
 from torch import nn
 
-from fp8ctx import FP8Error, FP8Store, _numerics, fp8_weights, functional_call, kernels
+from fp8ctx import FP8Error, FP8Layout, FP8Store, _numerics, fp8_weights, functional_call, kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GRANULARITIES = ["tensor", "channel", "block"]
@@ -27,8 +27,8 @@ def test_torch_path_is_dequantize_then_linear(granularity):
     weight = torch.randn(48, 40, dtype=torch.bfloat16)
     entry = entry_for(weight, granularity, 16)
     x, bias = torch.randn(5, 40, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
-    out = kernels.linear(x, entry.qdata, entry.scale, torch.bfloat16, granularity, 16, bias)
-    dense = _numerics.dequantize(entry.qdata, entry.scale, torch.bfloat16, granularity, 16)
+    out = kernels.linear(x, entry.qdata, entry.scale, entry.fp8_layout, torch.bfloat16, bias)
+    dense = _numerics.dequantize(entry.qdata, entry.scale, entry.fp8_layout, torch.bfloat16)
     assert torch.equal(out, F.linear(x, dense, bias))
 
 
@@ -137,6 +137,32 @@ def test_fp8_compute_matches_per_token_reference(granularity, device):
     assert relative_error(out, expected) < 5e-3
     assert torch.equal(out[0, 1], layer.bias)
     assert relative_error(out, weight_only) > 1e-3  # the activations were rounded too
+
+
+def test_fp8_compute_keeps_tokens_too_small_for_a_float32_scale_finite(device):
+    # the per-token scale follows the library's one amax -> scale rule: amax / 448 underflowing float32 gives
+    # scale 1 (the token rounds to zeros), not 0 (which made 0 / 0 = NaN of the token's zeros)
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4, device=device)
+    x = torch.randn(3, 8, device=device)
+    x[1] = 0
+    x[1, 0] = 1e-44  # a float32 subnormal
+    with torch.no_grad(), fp8_weights(layer, granularity="channel", compute="fp8"):
+        out = layer(x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], layer.bias.detach())  # the token rounded to zeros: only the bias is left
+
+
+def test_fp8_compute_is_supported_for_e4m3_with_a_scale_per_row():
+    supported = {
+        (granularity, storage): kernels.fp8_compute_supported(FP8Layout(granularity, storage_dtype=storage))
+        for granularity in GRANULARITIES
+        for storage in (torch.float8_e4m3fn, torch.float8_e5m2)
+    }
+    assert {key for key, value in supported.items() if value} == {
+        ("tensor", torch.float8_e4m3fn),
+        ("channel", torch.float8_e4m3fn),
+    }
 
 
 def test_fp8_compute_options_are_checked():

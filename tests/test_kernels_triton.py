@@ -43,6 +43,13 @@ def _need_sm89():
 
 
 # ----------------------------------------------------------------- helpers --
+def layout(gran, B, fmt):
+    """The FP8Layout the launchers take."""
+    from fp8ctx._layout import FP8Layout
+
+    return FP8Layout(gran, B, storage_dtype=fmt)
+
+
 def quantize(W, gran, B, fmt):
     """Test-side quantizer following the storage contract (scale multiplies)."""
     fmax = torch.finfo(fmt).max
@@ -93,7 +100,7 @@ def check_linear(T, N, K, gran, B, fmt, dt, bias=True, config=None, x=None, tol=
     Wd = dequant_ref(q, s, gran, B, dt)
     ref = F.linear(x, Wd, b)
     poison_allocator(x.numel() // K * N * 2)
-    y = K_.w8a16_linear(x, q, s, gran, B, b, config=config)
+    y = K_.w8a16_linear(x, q, s, layout(gran, B, q.dtype), b, config=config)
     assert y.shape == ref.shape and y.dtype == dt
     assert not torch.isnan(y).any(), "NaN (unwritten or bad decode)"
     # fp64 truth of the stored weights: ours should be as close as the reference.
@@ -134,7 +141,7 @@ def test_dequantize_bit_exact(gran, B, fmt, out, shape):
     W = torch.randn(R, C, device=DEV)
     q, s = quantize(W, gran, B, fmt)
     poison_allocator(R * C * 4)
-    got = K_.dequantize(q, s, gran, B, out)
+    got = K_.dequantize(q, s, layout(gran, B, q.dtype), out)
     ref = dequant_ref(q, s, gran, B, out)
     assert got.dtype == out and got.shape == (R, C)
     ibits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[out]
@@ -146,7 +153,7 @@ def test_dequantize_raw_codes_nan(fmt):
     # Random bytes cover every code, NaN included: NaN stays NaN, the rest exact.
     q = torch.randint(0, 256, (64, 300), dtype=torch.uint8, device=DEV).view(fmt)
     s = torch.rand(64, device=DEV) + 0.5
-    got = K_.dequantize(q, s, "channel", 128, torch.bfloat16)
+    got = K_.dequantize(q, s, layout("channel", 128, q.dtype), torch.bfloat16)
     ref = dequant_ref(q, s, "channel", 128, torch.bfloat16)
     nan = torch.isnan(ref)
     assert torch.equal(torch.isnan(got), nan)
@@ -160,7 +167,7 @@ def test_embedding(gran, B, fmt):
     E, D = 1000, 300
     q, s = quantize(torch.randn(E, D, device=DEV), gran, B, fmt)
     idx = torch.randint(0, E, (3, 17), device=DEV)
-    got = K_.embedding(idx, q, s, gran, B, torch.bfloat16)
+    got = K_.embedding(idx, q, s, layout(gran, B, q.dtype), torch.bfloat16)
     ref = dequant_ref(q, s, gran, B, torch.bfloat16)[idx]
     assert got.shape == (3, 17, D)
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
@@ -203,15 +210,15 @@ def test_linear_noncontiguous_and_3d():
     base = torch.randn(3, 2 * K, 7, device=DEV).to(torch.bfloat16)
     x = base[:, ::2, :].transpose(1, 2)  # (3, 7, K), non-contiguous
     assert not x.is_contiguous()
-    y = K_.w8a16_linear(x, q, s, "channel", 128, None)
+    y = K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype), None)
     ref = F.linear(x, dequant_ref(q, s, "channel", 128, torch.bfloat16))
     assert y.shape == (3, 7, N)
     assert rel_err(y, ref) < 1e-2
     xs = torch.randn(4, 5, K, device=DEV).to(torch.float16)[:, 1:]  # strided rows
-    y2 = K_.w8a16_linear(xs, q, s, "channel", 128, None)
+    y2 = K_.w8a16_linear(xs, q, s, layout("channel", 128, q.dtype), None)
     assert rel_err(y2, F.linear(xs, dequant_ref(q, s, "channel", 128, torch.float16))) < 1e-2
     xk = torch.randn(9, 2 * K, device=DEV).to(torch.bfloat16)[:, ::2]  # K stride 2, a view
-    y3 = K_.w8a16_linear(xk, q, s, "channel", 128, None)
+    y3 = K_.w8a16_linear(xk, q, s, layout("channel", 128, q.dtype), None)
     assert rel_err(y3, F.linear(xk, dequant_ref(q, s, "channel", 128, torch.bfloat16))) < 1e-2
 
 
@@ -222,10 +229,10 @@ def test_split_k_deterministic_and_counter_reset():
     W = torch.randn(N, K, device=DEV)
     q, s = quantize(W, "channel", 128, E4)
     x = torch.randn(3, K, device=DEV).to(torch.bfloat16)
-    a = K_.w8a16_linear(x, q, s, "channel", 128)
+    a = K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype))
     for cfg in [K_.KernelConfig(16, 64, 256, True, 4, 3), K_.KernelConfig(16, 32, 128, False, 4, 3)]:
-        K_.w8a16_linear(x, q, s, "channel", 128, config=cfg)
-    b = K_.w8a16_linear(x, q, s, "channel", 128)
+        K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype), config=cfg)
+    b = K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype))
     assert torch.equal(a, b)
     ref = F.linear(x, dequant_ref(q, s, "channel", 128, torch.bfloat16))
     assert rel_err(b, ref) < 1e-2
@@ -236,10 +243,10 @@ def test_bias_dtypes_and_empty():
     q, s = quantize(torch.randn(N, K, device=DEV), "tensor", 128, E5)
     x = torch.randn(4, K, device=DEV).to(torch.bfloat16)
     bias32 = torch.randn(N, device=DEV)
-    y = K_.w8a16_linear(x, q, s, "tensor", 128, bias32)
+    y = K_.w8a16_linear(x, q, s, layout("tensor", 128, q.dtype), bias32)
     ref = F.linear(x.float(), dequant_ref(q, s, "tensor", 128, torch.bfloat16).float(), bias32)
     assert rel_err(y, ref) < 1e-2
-    e = K_.w8a16_linear(x[:0], q, s, "tensor", 128)
+    e = K_.w8a16_linear(x[:0], q, s, layout("tensor", 128, q.dtype))
     assert e.shape == (0, N)
 
 
@@ -279,17 +286,17 @@ def test_fast_launch_path_and_alignment():
     x_al = xb[:, :K].contiguous()
     x_mis = xb[:, 1:]  # data_ptr % 16 == 2
     ref = F.linear(x_al, dequant_ref(q, s, "channel", 128, torch.bfloat16))
-    ys = [K_.w8a16_linear(x_al, q, s, "channel", 128) for _ in range(3)]
+    ys = [K_.w8a16_linear(x_al, q, s, layout("channel", 128, q.dtype)) for _ in range(3)]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
     assert rel_err(ys[0], ref) < 1e-2
     for _ in range(2):
-        ym = K_.w8a16_linear(x_mis, q, s, "channel", 128)
+        ym = K_.w8a16_linear(x_mis, q, s, layout("channel", 128, q.dtype))
         assert rel_err(ym, F.linear(x_mis, dequant_ref(q, s, "channel", 128, torch.bfloat16))) < 1e-2
     # Same config, K divisible / not divisible by 16, alternating: keys must differ.
     q2, s2 = quantize(torch.randn(N, 1000, device=DEV), "channel", 128, E4)
     x2 = torch.randn(5, 1000, device=DEV).to(torch.bfloat16)
     ref2 = F.linear(x2, dequant_ref(q2, s2, "channel", 128, torch.bfloat16))
     for _ in range(2):
-        assert rel_err(K_.w8a16_linear(x_al, q, s, "channel", 128), ref) < 1e-2
-        assert rel_err(K_.w8a16_linear(x2, q2, s2, "channel", 128), ref2) < 1e-2
+        assert rel_err(K_.w8a16_linear(x_al, q, s, layout("channel", 128, q.dtype)), ref) < 1e-2
+        assert rel_err(K_.w8a16_linear(x2, q2, s2, layout("channel", 128, q2.dtype)), ref2) < 1e-2
     assert len(K_._launch_w8a16.cache) >= 3  # the cached-launcher path was used

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp8ctx import _numerics
+from fp8ctx._layout import FP8Layout
 
 GRANULARITIES = ["tensor", "channel", "block"]
 STORAGE = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
@@ -22,9 +23,10 @@ SHAPES = [
 
 
 def qdq(weight, granularity, block_size, storage, axis):
-    scale = _numerics.compute_scale(weight, storage, granularity, block_size, axis)
-    data = _numerics.quantize(weight, scale, storage, granularity, block_size, axis)
-    return data, scale, _numerics.dequantize(data, scale, weight.dtype, granularity, block_size, axis)
+    layout = FP8Layout(granularity, block_size, axis, storage)
+    scale = _numerics.compute_scale(weight, layout)
+    data = _numerics.quantize(weight, scale, layout)
+    return data, scale, _numerics.dequantize(data, scale, layout, weight.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -36,7 +38,7 @@ def test_matches_formula_bit_for_bit(granularity, storage, shape, axis, dtype, d
     data, scale, restored = qdq(weight, granularity, 16, storage, axis)
     assert data.dtype == storage and data.shape == weight.shape
     assert scale.dtype == torch.float32
-    assert scale.shape == _numerics.scale_shape(weight.shape, granularity, 16, axis)
+    assert scale.shape == FP8Layout(granularity, 16, axis).scale_shape(weight.shape)
     assert restored.dtype == dtype
     # the formula on the same device: CPU and CUDA may round a float32 division differently in the last bit
     expected = reference_qdq(weight, granularity, 16, storage, axis)
@@ -47,10 +49,11 @@ def test_matches_formula_bit_for_bit(granularity, storage, shape, axis, dtype, d
 def test_scale_is_amax_over_fp8_max_and_dequantize_multiplies(granularity):
     weight = torch.zeros(4, 8)
     weight[1, 2] = -3.5
-    scale = _numerics.compute_scale(weight, torch.float8_e4m3fn, granularity, 4)
+    layout = FP8Layout(granularity, 4)
+    scale = _numerics.compute_scale(weight, layout)
     group_of_element = {"tensor": (), "channel": (1,), "block": (0, 0)}[granularity]
     assert scale[group_of_element].item() == pytest.approx(3.5 / 448)
-    data = _numerics.quantize(weight, scale, torch.float8_e4m3fn, granularity, 4)
+    data = _numerics.quantize(weight, scale, layout)
     assert data.float()[1, 2].item() == -448.0  # the amax element lands on the format's max
 
 
@@ -81,7 +84,7 @@ def test_nan_and_inf_show_up_in_the_scale(granularity):
     for bad in (float("nan"), float("inf")):
         weight = torch.randn(6, 6)
         weight[2, 3] = bad
-        scale = _numerics.compute_scale(weight, torch.float8_e4m3fn, granularity, 4)
+        scale = _numerics.compute_scale(weight, FP8Layout(granularity, 4))
         assert not torch.isfinite(scale).all()
 
 
@@ -90,7 +93,7 @@ def test_dequantize_rows_equals_dequantize_then_gather(granularity, device):
     table = torch.randn(50, 20, device=device, dtype=torch.bfloat16)
     data, scale, dense = qdq(table, granularity, 8, torch.float8_e4m3fn, 0)
     indices = torch.tensor([[3, 49, 0], [8, 8, 17]], device=device)
-    rows = _numerics.dequantize_rows(data, scale, indices, torch.bfloat16, granularity, 8)
+    rows = _numerics.dequantize_rows(data, scale, indices, FP8Layout(granularity, 8), torch.bfloat16)
     assert torch.equal(rows, dense[indices])
 
 
@@ -112,3 +115,54 @@ def test_any_shape_and_magnitude_round_trips_within_fp8_precision(rows, cols, bl
     # e4m3 keeps 3 mantissa bits: each value moves by at most 1/16 of itself, or one subnormal step
     bound = weight.abs() / 16 + scale.max() * 2.0**-9
     assert ((restored - weight).abs() <= bound * 1.0001).all()
+
+
+def test_scale_from_amax_is_amax_over_max_with_one_for_zero():
+    amax = torch.tensor([448.0, 3.5, 0.0, 1e-44, float("inf"), float("nan")])
+    scale = _numerics.scale_from_amax(amax, 448.0)
+    assert torch.equal(scale[:2], amax[:2] / 448.0)  # bit for bit
+    assert scale[2] == 1 and scale[3] == 1  # an all-zero group; a group whose amax / max underflows float32
+    assert scale[4] == float("inf") and scale[5].isnan()  # kept, so a NaN/Inf weight can be refused
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 5), 0), ((300, 7), 0), ((4, 2, 3, 3), 1), ((40,), 0)])
+def test_block_larger_than_the_weight_is_one_tile_of_its_size(shape, axis):
+    # padding the tile to block_size x block_size would take 2**40 float32 values here: it must not happen
+    block = 2**20
+    weight = torch.randn(shape, dtype=torch.bfloat16)
+    data, scale, restored = qdq(weight, "block", block, torch.float8_e4m3fn, axis)
+    assert torch.equal(restored, reference_qdq(weight, "block", block, torch.float8_e4m3fn, axis))
+    # one tile: the whole weight, so the same scale as "tensor" granularity
+    assert scale.shape == (1, 1)
+    assert torch.equal(scale.reshape(()), _numerics.compute_scale(weight, FP8Layout("tensor")))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((0, 16), 0), ((0, 4, 3, 3), 0), ((3, 0, 2, 2), 1), ((16, 0), 0), ((0, 0), 0)],
+    ids=["linear-0-out", "conv-0-out", "convT-0-out", "linear-0-in", "empty"],
+)
+def test_weights_without_channels_or_inputs_round_trip(shape, axis, granularity):
+    weight = torch.empty(shape, dtype=torch.bfloat16)
+    data, scale, restored = qdq(weight, granularity, 4, torch.float8_e4m3fn, axis)
+    assert data.shape == shape and data.dtype == torch.float8_e4m3fn
+    assert scale.shape == FP8Layout(granularity, 4, axis).scale_shape(shape) and scale.dtype == torch.float32
+    assert restored.shape == shape and restored.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("rows,cols,indices", [(0, 6, []), (5, 0, [1, 4]), (5, 6, [])], ids=["no-rows", "no-cols", "no-lookups"])
+def test_dequantize_rows_of_empty_tables_and_lookups(rows, cols, indices, granularity):
+    data, scale, dense = qdq(torch.randn(rows, cols), granularity, 4, torch.float8_e4m3fn, 0)
+    looked_up = torch.tensor(indices, dtype=torch.long)
+    out = _numerics.dequantize_rows(data, scale, looked_up, FP8Layout(granularity, 4), torch.float32)
+    assert out.shape == (len(indices), cols) and torch.equal(out, dense[looked_up])
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_dequantize_rows_refuses_an_index_outside_the_table(granularity):
+    table = torch.randn(10, 6)
+    data, scale, _ = qdq(table, granularity, 4, torch.float8_e4m3fn, 0)
+    with pytest.raises(IndexError):
+        _numerics.dequantize_rows(data, scale, torch.tensor([10]), FP8Layout(granularity, 4), torch.float32)

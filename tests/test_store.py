@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -188,6 +189,35 @@ def test_loading_a_file_not_written_by_fp8ctx_raises(tmp_path):
         FP8Store.load(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda layout, tensors: layout.update(block_size=0), "layout of entry 'fc.weight'.*block_size"),
+        (lambda layout, tensors: layout.update(granularity="rows"), "layout of entry 'fc.weight'.*granularity"),
+        (lambda layout, tensors: layout.pop("block_size"), "layout of entry 'fc.weight'.*missing.*block_size"),
+        (lambda layout, tensors: tensors.update({"fc.weight:scale": tensors["fc.weight:scale"][:2]}), "'fc.weight': scales must be"),
+        (lambda layout, tensors: tensors.update({"fc.weight:scale": -tensors["fc.weight:scale"]}), "'fc.weight': scales must be positive"),
+        (lambda layout, tensors: tensors.update({"fc.weight": tensors["fc.weight"].view(torch.uint8)}), "'fc.weight': codes must be"),
+    ],
+    ids=["block_size", "granularity", "missing-field", "scale-shape", "scale-sign", "codes-dtype"],
+)
+def test_loading_a_damaged_store_names_the_weight_and_the_field(damage, message, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "store.safetensors"
+    FP8Store.from_module(nn.Sequential(OrderedDict(fc=nn.Linear(8, 6))), granularity="channel").save(path)
+    with safe_open(path, framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    layouts = json.loads(metadata["fp8ctx.layouts"])
+    damage(layouts["fc.weight"], tensors)
+    save_file(tensors, path, metadata={**metadata, "fp8ctx.layouts": json.dumps(layouts)})
+    with pytest.raises(FP8Error, match=message):
+        FP8Store.load(path)
+
+
 def test_stores_compare_by_identity():
     model = nn.Linear(8, 8)
     store, again = FP8Store.from_module(model), FP8Store.from_module(model)
@@ -274,7 +304,7 @@ def test_a_file_whose_entries_do_not_fit_together_is_refused(tmp_path):
         return tmp_path / name
 
     short_scales = {**tensors, "head.weight:scale": tensors["head.weight:scale"][:1]}
-    with pytest.raises(FP8Error, match=r"'head.weight' has torch.float32 scales of shape \(1,\)"):
+    with pytest.raises(FP8Error, match=r"'head.weight': scales must be float32 of shape \(3,\).*got torch.float32 \(1,\)"):
         FP8Store.load(write("scales.safetensors", short_scales))
     missing = {k: v for k, v in tensors.items() if k != "head.weight:scale"}
     with pytest.raises(FP8Error, match="no tensor 'head.weight:scale'"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from torch import nn
 
 import fp8ctx
 import fp8ctx._numerics
+import fp8ctx._readonly
 import fp8ctx._tensor
 import fp8ctx.kernels
 from fp8ctx import FP8Error, FP8Store, FP8Tensor, fp8_weights
@@ -89,6 +93,101 @@ def test_nbytes_is_fp8_codes_plus_scales(kind, granularity, block_size, expected
     assert w.nbytes < original.nbytes
 
 
+# -- building one from a dense tensor, or from codes and scales ---------------------------------------------
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("shape,axis", [((12, 20), 0), ((6, 10, 3, 3), 1), ((0, 8), 0), ((3, 0, 2), 1)], ids=["linear", "convT-axis1", "no-channels", "convT-no-channels"])
+def test_from_dense_quantizes_one_tensor_without_a_module(shape, axis, granularity, storage, device):
+    torch.manual_seed(0)
+    weight = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    layout = fp8ctx.FP8Layout(granularity, 4, axis, storage)
+    w = FP8Tensor.from_dense(weight, layout, name="fc.weight")
+    assert type(w) is FP8Tensor and isinstance(w, nn.Parameter) and not w.requires_grad
+    assert (w.shape, w.dtype, w.device, w.param_name) == (weight.shape, weight.dtype, weight.device, "fc.weight")
+    assert w.fp8_layout == layout and w.storage_dtype == storage and w.qdata.dtype == storage
+    assert w.scale.shape == layout.scale_shape(shape)
+    assert torch.equal(w.dequantize(), reference_qdq(weight, granularity, 4, storage, axis))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_from_dense_refuses_non_finite_and_non_float_weights_naming_them(granularity, bad):
+    weight = torch.randn(8, 8)
+    weight[5, 6] = bad
+    with pytest.raises(FP8Error, match="'fc.weight' contains NaN or Inf"):
+        FP8Tensor.from_dense(weight, fp8ctx.FP8Layout(granularity, 4), name="fc.weight")
+    for dtype in (torch.int32, torch.float8_e4m3fn):
+        with pytest.raises(FP8Error, match=f"'fc.weight'.*{dtype}"):
+            FP8Tensor.from_dense(torch.zeros(4, 4).to(dtype), fp8ctx.FP8Layout(granularity), name="fc.weight")
+
+
+def test_from_fp8_wraps_codes_and_scales_made_elsewhere():
+    w, original, _ = entry("convtranspose2d", torch.float16, granularity="block", block_size=4)
+    again = FP8Tensor.from_fp8(w.qdata, w.scale, w.fp8_layout, torch.float16, name="up.weight")
+    assert type(again) is FP8Tensor and isinstance(again, nn.Parameter) and again.param_name == "up.weight"
+    assert torch.equal(again.dequantize(), reference_qdq(original, "block", 4, channel_axis=1))
+
+
+def _codes_scales_layout():
+    layout = fp8ctx.FP8Layout("channel")
+    weight = torch.randn(6, 4)
+    w = FP8Tensor.from_dense(weight, layout)
+    return w.qdata, w.scale, layout
+
+
+MISFITS = {
+    "codes-dtype": (lambda q, s, l: (q.view(torch.uint8), s, l, torch.float32), "codes must be a torch.float8_e4m3fn"),
+    "codes-e5m2": (lambda q, s, l: (q.float().to(torch.float8_e5m2), s, l, torch.float32), "codes must be"),
+    "scale-shape": (lambda q, s, l: (q, s[:5], l, torch.float32), r"scales must be float32 of shape \(6,\)"),
+    "scale-dtype": (lambda q, s, l: (q, s.double(), l, torch.float32), "scales must be float32"),
+    "scale-granularity": (lambda q, s, l: (q, s, l.replace(granularity="tensor"), torch.float32), r"scales must be float32 of shape \(\)"),
+    "scale-nan": (lambda q, s, l: (q, torch.full_like(s, float("nan")), l, torch.float32), "positive and finite"),
+    "scale-zero": (lambda q, s, l: (q, torch.zeros_like(s), l, torch.float32), "positive and finite"),
+    "scale-negative": (lambda q, s, l: (q, -s, l, torch.float32), "positive and finite"),
+    "channel-axis": (lambda q, s, l: (q, s, l.replace(channel_axis=2), torch.float32), "channel_axis 2"),
+    "dtype-int": (lambda q, s, l: (q, s, l, torch.int64), "original dtype"),
+    "dtype-name": (lambda q, s, l: (q, s, l, "float32"), "original dtype"),
+}
+
+
+@pytest.mark.parametrize("misfit", list(MISFITS))
+def test_from_fp8_refuses_codes_and_scales_that_do_not_fit_naming_the_weight(misfit):
+    make, message = MISFITS[misfit]
+    with pytest.raises(FP8Error, match=f"'fc.weight': .*{message}"):
+        FP8Tensor.from_fp8(*make(*_codes_scales_layout()), name="fc.weight")
+
+
+def test_every_meta_field_survives_copies_compile_flattening_and_shows_in_repr():
+    from fp8ctx._tensor import FP8Meta
+
+    layout = fp8ctx.FP8Layout("block", 4, 1, torch.float8_e5m2)
+    values = dict(fp8_layout=layout, compute_dtype=torch.float16, param_name="up.weight", value_dtype=torch.bfloat16, compute="fp8")
+    assert set(values) == {field.name for field in dataclasses.fields(FP8Meta)}  # a new field must be added here
+    w = FP8Tensor(*(lambda t: (t.qdata, t.scale))(FP8Tensor.from_dense(torch.randn(6, 10, 3), layout)), FP8Meta(**values))
+    inner, context = w.__tensor_flatten__()
+    copies = {
+        "attributes": w,
+        "detach": w.detach(),
+        "deepcopy": copy.deepcopy(w),
+        "to_device": w.to_device("cpu"),
+        "unflatten": FP8Tensor.__tensor_unflatten__({name: getattr(w, name) for name in inner}, context, w.shape, w.stride()),
+    }
+    for how, other in copies.items():
+        assert {name: getattr(other, name) for name in values} == values, how
+    assert w.half().compute_dtype == torch.float16 and w.float().compute_dtype == torch.float32
+    assert {name: getattr(w.float(), name) for name in values if name != "compute_dtype"} == {k: v for k, v in values.items() if k != "compute_dtype"}
+    assert w.with_compute("weight_only").compute == "weight_only" and w.with_compute("weight_only").param_name == "up.weight"
+    text = repr(w)
+    assert all(repr(value) in text for value in values.values()), text
+    # the compile cache key: the structure, not the (cosmetic) name
+    key = w._stable_hash_for_caching()
+    assert FP8Tensor(w.qdata, w.scale, FP8Meta(**{**values, "param_name": "other"}))._stable_hash_for_caching() == key
+    for name, changed in [("compute", "weight_only"), ("value_dtype", torch.float16), ("compute_dtype", torch.bfloat16), ("fp8_layout", layout.replace(block_size=8))]:
+        assert FP8Tensor(w.qdata, w.scale, FP8Meta(**{**values, name: changed}))._stable_hash_for_caching() != key, name
+
+
 # -- reading it gives plain, dequantized tensors ---------------------------------------------------------
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,7 +196,7 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 VIEW_OPS = {"T", "index", "view"}  # views of the temporary dense copy: a read-only tensor type where fp8ctx has one
-DENSE_VIEW_TYPES = (torch.Tensor, getattr(fp8ctx._tensor, "ReadOnlyView", torch.Tensor))
+DENSE_VIEW_TYPES = (torch.Tensor, fp8ctx._readonly.ReadOnlyView)
 
 OPS = {
     "add": lambda w: w + 1,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import _numerics
 from .._errors import FP8Error
+from .._layout import FP8Layout, Granularity
 
 __all__ = [
     "BACKENDS",
@@ -93,69 +94,65 @@ def linear(
     x: torch.Tensor,
     data: torch.Tensor,
     scale: torch.Tensor,
+    layout: FP8Layout,
     dtype: torch.dtype,
-    granularity: str,
-    block_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, dequantize(data, scale), bias)`` for an FP8 weight of shape ``(N, K)``.
+    """``F.linear(x, dequantize(data, scale, layout, dtype), bias)`` for an FP8 weight of shape ``(N, K)``.
 
     Returns:
         ``(..., N)`` in the dtype ``F.linear`` gives for ``x`` and a ``dtype`` weight.
     """
     # the fused kernel's K tiles must divide a scale block: block sizes need a factor of 16
-    tiles_fit = granularity != "block" or block_size % 16 == 0
+    tiles_fit = layout.granularity is not Granularity.BLOCK or layout.block_size % 16 == 0
     fused = _fused(x, data) if x.dtype == dtype and tiles_fit else None
     if fused is not None:
-        return fused.w8a16_linear(x, data, scale, granularity, block_size, bias)
-    return F.linear(x, _numerics.dequantize(data, scale, dtype, granularity, block_size, 0), bias)
+        return fused.w8a16_linear(x, data, scale, layout, bias)
+    return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
 
 
-def dequantize(
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    dtype: torch.dtype,
-    granularity: str,
-    block_size: int,
-    channel_axis: int,
-) -> torch.Tensor:
+def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> torch.Tensor:
     """A dense copy of an FP8 weight, in one pass on the GPU (``_numerics.dequantize`` elsewhere)."""
-    fused = _fused(data) if channel_axis == 0 and data.dim() >= 1 else None
+    fused = _fused(data) if layout.channel_axis == 0 and data.dim() >= 1 else None
     if fused is not None:
-        matrix = data.reshape(data.shape[0], -1)
-        return fused.dequantize(matrix, scale, granularity, block_size, dtype).reshape(data.shape)
-    return _numerics.dequantize(data, scale, dtype, granularity, block_size, channel_axis)
+        matrix = data.reshape(layout.matrix_shape(data.shape))
+        return fused.dequantize(matrix, scale, layout, dtype).reshape(data.shape)
+    return _numerics.dequantize(data, scale, layout, dtype)
 
 
 def embedding(
-    indices: torch.Tensor,
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    dtype: torch.dtype,
-    granularity: str,
-    block_size: int,
+    indices: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype
 ) -> torch.Tensor:
     """Rows ``indices`` of an FP8 table, dequantized (only the looked-up rows are touched)."""
     fused = _fused(data)
     if fused is not None and hasattr(fused, "embedding"):
-        return fused.embedding(indices, data, scale, granularity, block_size, dtype)
-    return _numerics.dequantize_rows(data, scale, indices, dtype, granularity, block_size)
+        return fused.embedding(indices, data, scale, layout, dtype)
+    return _numerics.dequantize_rows(data, scale, indices, layout, dtype)
 
 
-def fp8_compute_supported(storage_dtype: torch.dtype, granularity: str) -> bool:
-    """Whether FP8 compute can use weights stored this way: e4m3 codes with one scale per output row
-    (``"tensor"`` or ``"channel"``), as FP8 tensor-core matmuls with row-wise scaling need."""
-    return storage_dtype == torch.float8_e4m3fn and granularity in ("tensor", "channel")
+def fp8_compute_supported(layout: FP8Layout) -> bool:
+    """Whether FP8 compute can use weights stored as ``layout``: e4m3 codes with one scale per output row
+    (``"tensor"`` or ``"channel"``), as FP8 tensor-core matmuls with row-wise scaling need.
+
+    Example:
+        >>> fp8_compute_supported(FP8Layout("channel")), fp8_compute_supported(FP8Layout("block"))
+        (True, False)
+    """
+    return layout.storage_dtype == _ACTIVATION_DTYPE and layout.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
+
+
+# FP8 compute rounds activations to e4m3: one scale per token
+_ACTIVATION_DTYPE = torch.float8_e4m3fn
+_ACTIVATION_MAX = float(torch.finfo(_ACTIVATION_DTYPE).max)
 
 
 def _quantize_rows_torch(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token e4m3 quantization in plain torch (the same formula as ``_triton.quantize_rows``)."""
     # float32: the division below must round only once, at the cast
     values = x2d.float()
-    amax = values.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    scale = _numerics.scale_from_amax(values.abs().amax(dim=1, keepdim=True), _ACTIVATION_MAX)
     # clamp: e4m3fn has no infinity; an overflow would become NaN
-    return (values / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+    return (values / scale).clamp(-_ACTIVATION_MAX, _ACTIVATION_MAX).to(_ACTIVATION_DTYPE), scale
 
 
 def _scaled_mm_applies(x2d: torch.Tensor, data: torch.Tensor) -> bool:
@@ -170,9 +167,8 @@ def fp8_linear(
     x: torch.Tensor,
     data: torch.Tensor,
     scale: torch.Tensor,
+    layout: FP8Layout,
     dtype: torch.dtype,
-    granularity: str,
-    block_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear`` with the activations rounded to e4m3 per token as well: an FP8 x FP8 matmul.
@@ -185,8 +181,8 @@ def fp8_linear(
     Returns:
         ``(..., N)`` in ``dtype``.
     """
-    if not fp8_compute_supported(data.dtype, granularity) or x.dtype != dtype:
-        return linear(x, data, scale, dtype, granularity, block_size, bias)
+    if not fp8_compute_supported(layout) or x.dtype != dtype:
+        return linear(x, data, scale, layout, dtype, bias)
     n, k = data.shape
     x2d = x.reshape(-1, k)
     row_scales = scale.reshape(1, -1).expand(1, n).contiguous()  # (1, N): one factor per output channel

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,9 @@ except Exception:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
     HAS_TRITON = False
+
+if TYPE_CHECKING:  # the launchers only read a layout's fields; this file stays loadable on its own
+    from .._layout import FP8Layout
 
 __all__ = [
     "HAS_TRITON",
@@ -83,7 +86,6 @@ _NO_ASM = os.environ.get("FP8CTX_TRITON_NO_ASM", "0") == "1"
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
-_GRAN = {"tensor": 0, "channel": 1, "block": 2}
 
 
 # --------------------------------------------------------------------------- #
@@ -527,25 +529,13 @@ def _workspace(device: torch.device, ws_elems: int, n_cnt: int):
     return ws, cnt
 
 
-def _check_scale(scale: torch.Tensor, gran: int, N: int, K: int, B: int, device) -> torch.Tensor:
-    if gran == 0:
-        want = ()
-    elif gran == 1:
-        want = (N,)
-    else:
-        want = (-(-N // B), -(-K // B))
+def _check_scale(scale: torch.Tensor, layout: "FP8Layout", N: int, K: int, device) -> torch.Tensor:
+    want = layout.scale_shape((N, K))
     if scale.shape != want:
         raise ValueError(f"scale shape {tuple(scale.shape)} != expected {want}")
     if scale.dtype is not torch.float32 or scale.device != device or not scale.is_contiguous():
         scale = scale.to(device=device, dtype=torch.float32).contiguous()
     return scale
-
-
-def _gran_code(granularity: str) -> int:
-    try:
-        return _GRAN[granularity]
-    except KeyError:
-        raise ValueError(f"unknown granularity {granularity!r}") from None
 
 
 # --------------------------------------------------------------------------- #
@@ -657,8 +647,7 @@ def _plan(M: int, N: int, K: int, gran: int, B: int, cfg: Optional[KernelConfig]
 
 
 def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                 granularity: str, block_size: int = 128,
-                 bias: Optional[torch.Tensor] = None, *,
+                 layout: "FP8Layout", bias: Optional[torch.Tensor] = None, *,
                  config: Optional[KernelConfig] = None,
                  _asm: Optional[bool] = None) -> torch.Tensor:
     """y = F.linear(x, dequant(qdata, scale), bias) with FP8 weights decoded in registers.
@@ -666,10 +655,10 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     Args:
         x: (..., K) bfloat16 or float16 CUDA tensor, any strides.
         qdata: (N, K) float8_e4m3fn / float8_e5m2 (made contiguous if not).
-        scale: float32; () / (N,) / (ceil(N/B), ceil(K/B)) for
-            "tensor" / "channel" / "block".
-        granularity: "tensor", "channel" or "block".
-        block_size: B for "block" (the K tile shrinks to a divisor of B, so B
+        scale: float32 of ``layout.scale_shape((N, K))``: () / (N,) /
+            (ceil(N/B), ceil(K/B)) for "tensor" / "channel" / "block".
+        layout: the weight's FP8Layout (channel axis 0). For "block", its
+            block_size B sets the K tile (which shrinks to a divisor of B, so B
             needs a power-of-two factor >= 16; 64 and 128 are typical).
         bias: optional (N,) tensor (any float dtype), added in fp32.
         config: override the KernelConfig chosen from (T, N, K) (tests, tuning).
@@ -679,9 +668,7 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         (..., N) tensor in x.dtype.  fp32 accumulation; deterministic.
     """
     _require_triton()
-    gran = _GRAN.get(granularity)
-    if gran is None:
-        raise ValueError(f"unknown granularity {granularity!r}")
+    gran = layout.granularity.kernel_code
     if qdata.dim() != 2:
         raise ValueError("qdata must be 2-D (N, K)")
     N, K = qdata.shape
@@ -700,14 +687,14 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         return y.reshape(*lead, N)
     if not qdata.is_contiguous():
         qdata = qdata.contiguous()
-    B = int(block_size)
-    scale = _check_scale(scale, gran, N, K, B, dev)
+    B = layout.block_size
+    scale = _check_scale(scale, layout, N, K, dev)
     cfg, tiles, split_k, k_per, consts, cvals = _plan(
         M, N, K, gran, B, config, dev, bias is not None, qdata.dtype == torch.float8_e5m2, _asm)
     if consts is None:
         # Compute-bound T: one pass of the dequantize kernel (~90% of HBM
         # bandwidth) then cuBLAS, which beats the fused kernel there.
-        wd = dequantize(qdata, scale, granularity, B, x.dtype)
+        wd = dequantize(qdata, scale, layout, x.dtype)
         b = bias.to(x.dtype) if bias is not None else None
         return F.linear(x2, wd, b).reshape(*lead, N)
     if bias is not None and not bias.is_contiguous():
@@ -724,15 +711,14 @@ def w8a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     return y.reshape(*lead, N)
 
 
-def dequantize(qdata2d: torch.Tensor, scale: torch.Tensor, granularity: str,
-               block_size: int = 128, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(qdata2d: torch.Tensor, scale: torch.Tensor, layout: "FP8Layout",
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Single-pass fp8 -> out_dtype with the scale applied.
 
     Args:
         qdata2d: (R, C) float8_e4m3fn / float8_e5m2 CUDA tensor (made contiguous).
         scale: float32; () / (R,) / (ceil(R/B), ceil(C/B)).
-        granularity: "tensor", "channel" or "block".
-        block_size: B for "block".
+        layout: the weight's FP8Layout (granularity and B = block_size).
         out_dtype: bfloat16, float16 or float32.
 
     Returns:
@@ -740,13 +726,13 @@ def dequantize(qdata2d: torch.Tensor, scale: torch.Tensor, granularity: str,
         (NaN codes stay NaN).
     """
     _require_triton()
-    gran = _gran_code(granularity)
+    gran = layout.granularity.kernel_code
     if qdata2d.dim() != 2 or qdata2d.dtype not in _FP8_DTYPES:
         raise ValueError("qdata2d must be a 2-D float8 tensor")
     R, C = qdata2d.shape
     q = qdata2d.contiguous()
-    B = int(block_size)
-    scale = _check_scale(scale, gran, R, C, B, q.device)
+    B = layout.block_size
+    scale = _check_scale(scale, layout, R, C, q.device)
     out = torch.empty((R, C), dtype=out_dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -760,8 +746,7 @@ def dequantize(qdata2d: torch.Tensor, scale: torch.Tensor, granularity: str,
 
 
 def embedding(indices: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-              granularity: str, block_size: int = 128,
-              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+              layout: "FP8Layout", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Gather rows of an FP8 table and dequantize only those rows.
 
     Args:
@@ -769,7 +754,7 @@ def embedding(indices: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
             [0, num_embeddings) (not checked on device).
         qdata: (num_embeddings, D) float8 table; "channel" scale is per row.
         scale: float32; () / (num_embeddings,) / (ceil(E/B), ceil(D/B)).
-        granularity, block_size: as for :func:`dequantize`.
+        layout: as for :func:`dequantize`.
         out_dtype: output dtype.
 
     Returns:
@@ -777,11 +762,11 @@ def embedding(indices: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         ``dequantize(qdata, ...)[indices]`` bit for bit.
     """
     _require_triton()
-    gran = _gran_code(granularity)
+    gran = layout.granularity.kernel_code
     E, D = qdata.shape
     q = qdata.contiguous()
-    B = int(block_size)
-    scale = _check_scale(scale, gran, E, D, B, q.device)
+    B = layout.block_size
+    scale = _check_scale(scale, layout, E, D, q.device)
     idx = indices.reshape(-1)
     if not idx.is_contiguous():
         idx = idx.contiguous()
