@@ -15,9 +15,13 @@ import torch
 
 from ._errors import FP8Error
 
-__all__ = ["FP8Layout", "Granularity", "STORAGE_DTYPES", "parse_storage_dtype"]
+__all__ = ["COMPUTE_DTYPES", "FP8Layout", "Granularity", "STORAGE_DTYPES", "parse_storage_dtype"]
 
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# the dense formats an FP8 weight can stand in for: its compute dtype is one of these (torch's other 8-bit
+# float formats count as floating point too, but nothing computes in them)
+COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # the short spellings the CLI and file metadata use, beside torch's own names
 _STORAGE_NAMES = {

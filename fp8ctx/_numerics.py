@@ -50,12 +50,15 @@ def scale_from_amax(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
 # -- the channel-first 2-D view and its tiles ----------------------------------------------------------
 
 
-def _view_2d(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
-    """The channel-first 2-D view ``(C, K)`` of a weight (a copy only when its channel axis is not 0).
+def _one_row(layout: FP8Layout, ndim: int) -> bool:
+    # "tensor" is one tile, where the order of elements is irrelevant (no copy to move an axis); a weight
+    # without the channel axis (0-d, or 1-D with axis 1) is one channel
+    return layout.granularity is Granularity.TENSOR or ndim <= layout.channel_axis
 
-    Under ``"tensor"`` (one tile) and for a weight without that axis (0-d, or 1-D with axis 1) it is one row.
-    """
-    if layout.granularity is Granularity.TENSOR or weight.dim() <= layout.channel_axis:
+
+def _view_2d(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
+    """The channel-first 2-D view ``(C, K)`` of a weight (a copy only when its channel axis is not 0)."""
+    if _one_row(layout, weight.dim()):
         return weight.reshape(1, weight.numel())
     # sizes spelled out (no -1): a weight with zero channels or zero inputs still has its (C, K) view
     return weight.movedim(layout.channel_axis, 0).reshape(layout.matrix_shape(weight.shape))
@@ -64,7 +67,7 @@ def _view_2d(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
 def _from_view_2d(matrix: torch.Tensor, shape: torch.Size, layout: FP8Layout) -> torch.Tensor:
     """Inverse of :func:`_view_2d`."""
     axis = layout.channel_axis
-    if layout.granularity is Granularity.TENSOR or len(shape) <= axis or axis == 0:
+    if _one_row(layout, len(shape)) or axis == 0:
         return matrix.reshape(shape)
     channel_first = (shape[axis],) + tuple(size for i, size in enumerate(shape) if i != axis)
     return matrix.reshape(channel_first).movedim(0, axis)
@@ -105,6 +108,14 @@ def _scaled(matrix: torch.Tensor, scale: torch.Tensor, edges: tuple[int, int], d
     per_tile = scale.reshape(*tiles.shape[:2], 1, 1)
     scaled = tiles / per_tile if divide else tiles * per_tile
     return rearrange(scaled, "r c br bc -> (r br) (c bc)")[: matrix.shape[0], : matrix.shape[1]]
+
+
+def _rescaled(values: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, divide: bool) -> torch.Tensor:
+    """Float32 ``values`` of a weight's shape, divided or multiplied by the scale of each one's group."""
+    if values.numel() == 0:  # no groups to scale
+        return values
+    matrix = _view_2d(values, layout)
+    return _from_view_2d(_scaled(matrix, scale, _tile_edges(layout, *matrix.shape), divide), values.shape, layout)
 
 
 # -- the public functions --------------------------------------------------------------------------------
@@ -151,11 +162,8 @@ def quantize(weight: torch.Tensor, scale: torch.Tensor, layout: FP8Layout) -> to
         >>> quantize(w, compute_scale(w, layout), layout).dtype
         torch.float8_e4m3fn
     """
-    if weight.numel() == 0:
-        return torch.empty(weight.shape, dtype=layout.storage_dtype, device=weight.device)
     # divide in float32 so the cast to FP8 is the only rounding step
-    matrix = _view_2d(weight.detach().float(), layout)
-    scaled = _from_view_2d(_scaled(matrix, scale, _tile_edges(layout, *matrix.shape), divide=True), weight.shape, layout)
+    scaled = _rescaled(weight.detach().float(), scale, layout, divide=True)
     # w / (amax / max) can round a hair above max; e4m3fn has no inf and would turn that into NaN
     limit = layout.fp8_max
     return scaled.clamp(-limit, limit).to(layout.storage_dtype).contiguous()
@@ -180,12 +188,8 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype
         >>> dequantize(quantize(w, s, layout), s, layout, torch.bfloat16).shape
         torch.Size([8, 16])
     """
-    if data.numel() == 0:
-        return torch.empty(data.shape, dtype=dtype, device=data.device)
     # FP8 -> float32 is exact; multiplying in float32 leaves a single rounding to `dtype`
-    matrix = _view_2d(data.float(), layout)
-    out = _scaled(matrix, scale, _tile_edges(layout, *matrix.shape), divide=False)
-    return _from_view_2d(out, data.shape, layout).to(dtype)
+    return _rescaled(data.float(), scale, layout, divide=False).to(dtype)
 
 
 @torch.no_grad()

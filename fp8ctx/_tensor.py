@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from . import _numerics, kernels
 from ._errors import FP8Error
-from ._layout import STORAGE_DTYPES, FP8Layout
+from ._layout import COMPUTE_DTYPES, FP8Layout
 from ._ops import FUNCTIONS
 from ._readonly import ReadOnlyTensor, read_only, refuse_python_writes, refuse_writes
 
@@ -99,7 +99,8 @@ class FP8Tensor(ReadOnlyTensor):
         """Quantize ``weight`` into a new FP8 weight; ``weight`` itself is only read.
 
         Args:
-            weight: a floating-point tensor; its dtype becomes the compute dtype.
+            weight: a tensor of one of ``COMPUTE_DTYPES`` (float16, bfloat16, float32, float64); its dtype
+                becomes the compute dtype.
             layout: the scheme to store it in (its ``channel_axis`` must be the weight's output-channel axis).
             name: the parameter name, for error messages.
 
@@ -108,16 +109,18 @@ class FP8Tensor(ReadOnlyTensor):
             swaps in.
 
         Raises:
-            FP8Error: ``weight`` is not a float tensor, or holds NaN or Inf (names ``name``).
+            FP8Error: ``weight`` is of another dtype, or holds NaN or Inf (names ``name``).
         """
         weight = weight.detach()
-        if not weight.is_floating_point() or weight.dtype in STORAGE_DTYPES:
-            raise FP8Error(f"weight {name!r} must be a float16/bfloat16/float32/float64 tensor, got {weight.dtype}")
+        if weight.dtype not in COMPUTE_DTYPES:
+            raise FP8Error(f"weight {name!r} must be a tensor of one of {_names(COMPUTE_DTYPES)}, got {weight.dtype}")
         scale = _numerics.compute_scale(weight, layout)
         if not bool(torch.isfinite(scale).all()):  # the scale holds the amax, and it is small to check
+            layer = name.rpartition(".")[0]
+            way_out = f"exclude=[{layer!r}]" if layer else "exclude="
             raise FP8Error(
                 f"weight {name!r} contains NaN or Inf; FP8 cannot represent it. Fix the weight, or leave its layer "
-                "out with exclude="
+                f"out with {way_out}"
             )
         data = _numerics.quantize(weight, scale, layout)
         return _as_parameter(cls(data, scale, FP8Meta(layout, weight.dtype, name)))
@@ -132,7 +135,7 @@ class FP8Tensor(ReadOnlyTensor):
             data: FP8 codes of ``layout.storage_dtype``, the weight's shape.
             scale: positive, finite float32 scales of ``layout.scale_shape(data.shape)``, on ``data``'s device.
             layout: the scheme they were stored in.
-            dtype: the original weight's dtype (a float dtype).
+            dtype: the original weight's dtype (one of ``COMPUTE_DTYPES``).
             name: the parameter name, for error messages.
 
         Returns:
@@ -160,6 +163,7 @@ class FP8Tensor(ReadOnlyTensor):
 
     @property
     def storage_dtype(self) -> torch.dtype:
+        """The FP8 format of the codes (the layout's)."""
         return self._meta.fp8_layout.storage_dtype
 
     @property
@@ -257,9 +261,9 @@ def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = No
 
     That is what ``module.to(...)``, ``.cuda()``, ``.half()`` and accelerate's offload hooks need inside the
     block: each layer's weight stays FP8 on its layer's device instead of becoming a dense copy. Conversions
-    to non-float dtypes return dense values instead (``None`` here).
+    to any other dtype (integers, FP8 formats) return dense values instead (``None`` here).
     """
-    if dtype is not None and (not dtype.is_floating_point or dtype in STORAGE_DTYPES):
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
         return None
     non_blocking = bool(options.get("non_blocking", False))
     data, scale = source._data, source._scale
@@ -292,9 +296,13 @@ def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype:
     bad = int((~((scale > 0) & torch.isfinite(scale))).sum())
     if bad:
         return f"scales must be positive and finite, as quantizing makes them; {bad} of {scale.numel()} are not (damaged data)"
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in STORAGE_DTYPES:
-        return f"the original dtype must be float16, bfloat16, float32 or float64, got {dtype!r}"
+    if dtype not in COMPUTE_DTYPES:
+        return f"the original dtype must be one of {_names(COMPUTE_DTYPES)}, got {dtype!r}"
     return ""
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
 
 
 # FP8Meta's fields, read as the tensor's own attributes (w.fp8_layout, w.param_name...), without a second list

@@ -116,9 +116,9 @@ def test_from_dense_quantizes_one_tensor_without_a_module(shape, axis, granulari
 def test_from_dense_refuses_non_finite_and_non_float_weights_naming_them(granularity, bad):
     weight = torch.randn(8, 8)
     weight[5, 6] = bad
-    with pytest.raises(FP8Error, match="'fc.weight' contains NaN or Inf"):
+    with pytest.raises(FP8Error, match=r"'fc.weight' contains NaN or Inf.*exclude=\['fc'\]"):
         FP8Tensor.from_dense(weight, fp8ctx.FP8Layout(granularity, 4), name="fc.weight")
-    for dtype in (torch.int32, torch.float8_e4m3fn):
+    for dtype in (torch.int32, torch.float8_e4m3fn, torch.float8_e4m3fnuz):
         with pytest.raises(FP8Error, match=f"'fc.weight'.*{dtype}"):
             FP8Tensor.from_dense(torch.zeros(4, 4).to(dtype), fp8ctx.FP8Layout(granularity), name="fc.weight")
 
@@ -211,6 +211,8 @@ OPS = {
     "mul-scalar": lambda w: 2 * w,
     "to-int32": lambda w: w.to(torch.int32),  # not a float dtype: dense values
     "to-float8": lambda w: w.to(torch.float8_e5m2),  # an FP8 dtype: dense values cast, not the stored codes
+    "to-float8-fnuz": lambda w: w.to(torch.float8_e4m3fnuz),  # torch counts it as floating point; still dense
+    "to-float8-e8m0": lambda w: w.to(torch.float8_e8m0fnu),
 }
 
 

@@ -35,6 +35,10 @@ __all__ = [
 BACKENDS = ("auto", "torch")
 _backend = os.environ.get("FP8CTX_BACKEND", "auto")
 
+# FP8 compute (fp8_linear) rounds activations to e4m3, one scale per token
+_ACTIVATION_DTYPE = torch.float8_e4m3fn
+_ACTIVATION_MAX = float(torch.finfo(_ACTIVATION_DTYPE).max)
+
 
 def get_backend() -> str:
     """The active backend: ``"auto"`` (fused kernels where they apply) or ``"torch"`` (always pure torch)."""
@@ -141,13 +145,9 @@ def fp8_compute_supported(layout: FP8Layout) -> bool:
     return layout.storage_dtype == _ACTIVATION_DTYPE and layout.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
 
 
-# FP8 compute rounds activations to e4m3: one scale per token
-_ACTIVATION_DTYPE = torch.float8_e4m3fn
-_ACTIVATION_MAX = float(torch.finfo(_ACTIVATION_DTYPE).max)
-
-
 def _quantize_rows_torch(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token e4m3 quantization in plain torch (the same formula as ``_triton.quantize_rows``)."""
+    """Per-token e4m3 quantization in plain torch: ``(q, scale)`` with ``x ≈ q * scale``, scales by the library's
+    one rule (``_numerics.scale_from_amax``); ``_triton.quantize_rows`` computes the same bits on the GPU."""
     # float32: the division below must round only once, at the cast
     values = x2d.float()
     scale = _numerics.scale_from_amax(values.abs().amax(dim=1, keepdim=True), _ACTIVATION_MAX)
