@@ -15,6 +15,7 @@ from torch import nn
 
 from ._config import ExcludeRule, FP8Config
 from ._errors import FP8Error
+from ._layout import COMPUTE_DTYPES
 from ._progress import progress
 from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice
@@ -23,7 +24,6 @@ __all__ = ["Plan", "Target", "check_overlap", "find_targets", "quantize_target",
 
 logger = logging.getLogger("fp8ctx")
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
                 f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no values "
                 f"to quantize). {meta_weight_advice(module)}"
             )
-        if weight.dtype not in _FLOAT_DTYPES:
+        if weight.dtype not in COMPUTE_DTYPES:
             logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
             continue
         chosen[id(weight)] = Target(name, layer_name, weight, _channel_axis(layer))

@@ -13,7 +13,7 @@ from torch import nn
 
 from ._config import Exclude, FP8Config
 from ._errors import FP8Error
-from ._layout import FP8Layout
+from ._layout import COMPUTE_DTYPES, FP8Layout
 from ._options import check_progress_bar, resolve
 from ._plan import Plan
 from ._tensor import FP8Tensor
@@ -236,7 +236,7 @@ def _json_object(text: str, where: str, key: str) -> dict[str, Any]:
     return value
 
 
-_DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_DENSE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in COMPUTE_DTYPES}
 
 
 def _read_entry(handle: Any, present: set[str], name: str, fields: Any, where: str) -> FP8Tensor:
