@@ -10,7 +10,6 @@ import fnmatch
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from ._config import ExcludeRule, FP8Config

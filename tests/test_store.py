@@ -8,7 +8,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_restored, fake_quantized_copy, reference_qdq, snapshot
 from torch import nn
 
