@@ -3,7 +3,7 @@
 from ._config import DEFAULT_LAYERS, FP8Config
 from ._context import fp8_weights, functional_call
 from ._errors import FP8Error
-from ._report import LayerReport, OutputReport, Report, report
+from ._report import DenseEntry, DenseInventory, LayerReport, OutputReport, Report, report
 from ._store import FP8Store
 from ._layout import FP8Layout
 from ._tensor import FP8Tensor
@@ -23,6 +23,8 @@ __all__ = [
     "Report",
     "LayerReport",
     "OutputReport",
+    "DenseInventory",
+    "DenseEntry",
     # options
     "FP8Config",
     "DEFAULT_LAYERS",

@@ -10,6 +10,7 @@ import fnmatch
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from ._config import ExcludeRule, FP8Config
@@ -19,7 +20,16 @@ from ._progress import progress
 from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice
 
-__all__ = ["Plan", "Target", "check_overlap", "find_targets", "quantize_target", "targets_from_store"]
+__all__ = [
+    "Plan",
+    "Target",
+    "check_overlap",
+    "exclusion",
+    "find_targets",
+    "layer_weights",
+    "quantize_target",
+    "targets_from_store",
+]
 
 logger = logging.getLogger("fp8ctx")
 
@@ -36,20 +46,43 @@ class Target:
     channel_axis: int
 
 
-def _excluded(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> bool:
+def exclusion(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> ExcludeRule | None:
+    """The first of ``rules`` that leaves the layer ``name`` out, or None."""
     for rule in rules:
         if isinstance(rule, str):
             # a pattern naming a parent excludes everything under it ("decoder" -> "decoder.conv_in")
             if fnmatch.fnmatchcase(name, rule) or fnmatch.fnmatchcase(name, rule + ".*"):
-                return True
+                return rule
         elif rule(name, module):
-            return True
-    return False
+            return rule
+    return None
 
 
 def _channel_axis(layer: nn.Module) -> int:
     # ConvTranspose weights are (in, out / groups, *kernel): their output channels live in dim 1
     return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def layer_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int]]:
+    """The weights ``config`` holds among ``layer``'s own parameters: ``(attribute, channel axis)`` pairs.
+
+    The selection rule, in one place (planning and the dense inventory both read it).
+    """
+    if isinstance(layer, config.layers) and isinstance(layer._parameters.get("weight"), torch.Tensor):
+        return [("weight", _channel_axis(layer))]
+    return []
+
+
+def _excluded_parameters(module: nn.Module, rules: tuple[ExcludeRule, ...]) -> dict[int, str]:
+    """``id`` of every parameter of an excluded layer -> that layer's name (the first one found)."""
+    excluded: dict[int, str] = {}
+    if not rules:
+        return excluded
+    for layer_name, layer in module.named_modules():
+        if exclusion(layer_name, layer, rules) is not None:
+            for p in layer.parameters(recurse=False):
+                excluded.setdefault(id(p), layer_name)
+    return excluded
 
 
 def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
@@ -74,37 +107,30 @@ def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fp8ctx works on torch.nn.Module objects, got {type(module).__name__}")
-    rules = config.exclude
     canonical = {id(p): name for name, p in module.named_parameters()}
     # a weight tied to an excluded layer (lm_head tied to the embedding) stays dense: the exclusion wins
-    excluded = {
-        id(p)
-        for layer_name, layer in module.named_modules()
-        if rules and _excluded(layer_name, layer, rules)
-        for p in layer.parameters(recurse=False)
-    }
+    excluded = _excluded_parameters(module, config.exclude)
     chosen: dict[int, Target] = {}
     for layer_name, layer in module.named_modules():
-        if not isinstance(layer, config.layers):
-            continue
-        weight = dict(layer.named_parameters(recurse=False)).get("weight")
-        if weight is None or id(weight) in chosen or id(weight) in excluded:
-            continue
-        name = canonical[id(weight)]
-        if isinstance(weight, FP8Tensor):
-            raise FP8Error(
-                f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already. "
-                "Enter one fp8_weights() per module, on the outermost module you need."
-            )
-        if weight.is_meta:
-            raise FP8Error(
-                f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no values "
-                f"to quantize). {meta_weight_advice(module)}"
-            )
-        if weight.dtype not in COMPUTE_DTYPES:
-            logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
-            continue
-        chosen[id(weight)] = Target(name, layer_name, weight, _channel_axis(layer))
+        for attribute, channel_axis in layer_weights(layer, config):
+            weight = layer._parameters[attribute]
+            if id(weight) in chosen or id(weight) in excluded:
+                continue
+            name = canonical[id(weight)]
+            if isinstance(weight, FP8Tensor):
+                raise FP8Error(
+                    f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already. "
+                    "Enter one fp8_weights() per module, on the outermost module you need."
+                )
+            if weight.is_meta:
+                raise FP8Error(
+                    f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no "
+                    f"values to quantize). {meta_weight_advice(module)}"
+                )
+            if weight.dtype not in COMPUTE_DTYPES:
+                logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
+                continue
+            chosen[id(weight)] = Target(name, layer_name, weight, channel_axis)
     order = {name: i for i, name in enumerate(canonical.values())}
     return sorted(chosen.values(), key=lambda target: order[target.name])
 

@@ -16,12 +16,13 @@ from ._config import Exclude, FP8Config
 from ._context import fp8_weights
 from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
 from ._errors import FP8Error
+from ._inventory import DenseEntry, DenseInventory, dense_inventory
 from ._options import check_originals, check_progress_bar, resolve, stores_for
 from ._plan import Plan
 from ._store import FP8Store
 from .integrations.outputs import first_tensor
 
-__all__ = ["LayerReport", "OutputReport", "Report", "report"]
+__all__ = ["DenseEntry", "DenseInventory", "LayerReport", "OutputReport", "Report", "report"]
 
 logger = logging.getLogger("fp8ctx")
 
@@ -41,9 +42,10 @@ class LayerReport:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """The result of :func:`report`: per-layer rows, totals, output error and the restore check.
+    """The result of :func:`report`: per-layer rows, totals, output error, the restore check, and what stays dense.
 
     Printing gives a terminal table; Jupyter shows an HTML table; ``to_dict()`` / ``to_pandas()`` give data.
+    ``kept_dense`` lists every parameter left dense with the reason (None for a report on a store alone).
     """
 
     model: str
@@ -51,6 +53,7 @@ class Report:
     layers: tuple[LayerReport, ...]
     output: OutputReport | None
     restored_exactly: bool | None
+    kept_dense: DenseInventory | None = None
 
     @property
     def dense_bytes(self) -> int:
@@ -85,6 +88,13 @@ class Report:
             },
             "output": dataclasses.asdict(self.output) if self.output else None,
             "restored_exactly": self.restored_exactly,
+            "kept_dense": None
+            if self.kept_dense is None
+            else {
+                "bytes": self.kept_dense.bytes,
+                "by_reason": self.kept_dense.by_reason(),
+                "entries": [dataclasses.asdict(entry) for entry in self.kept_dense.entries],
+            },
         }
         return _finite(data)
 
@@ -102,6 +112,12 @@ class Report:
             f"  weights: {_size(self.dense_bytes)} dense -> {_size(self.fp8_bytes)} FP8 "
             f"(saves {_size(self.saved_bytes)}, {self.fp8_bytes / max(self.dense_bytes, 1):.1%} of dense)",
         ]
+        if self.kept_dense is not None:
+            total = self.dense_bytes + self.kept_dense.bytes
+            lines.append(
+                f"  coverage: {self.dense_bytes / max(total, 1):.1%} of parameter bytes held as FP8; "
+                f"{_size(self.kept_dense.bytes)} in {len(self.kept_dense.entries)} tensors kept dense (see below)"
+            )
         if self.worst_sqnr_db is not None:
             lines.append(f"  weight SQNR: worst layer {self.worst_sqnr_db:.1f} dB")
         if self.output is not None:
@@ -128,8 +144,13 @@ class Report:
         out += [fmt.format(*c) for c in cells]
         return "\n".join(out)
 
+    def dense_lines(self) -> list[str]:
+        """The "kept dense" section: bytes per (layer type, reason), largest first (empty without an inventory)."""
+        return [] if self.kept_dense is None else self.kept_dense.lines(_size)
+
     def __str__(self) -> str:
-        return self.table() + "\n\n" + "\n".join(self.summary_lines())
+        text = self.table() + "\n\n" + "\n".join(self.summary_lines())
+        return text + ("\n\n" + "\n".join(self.dense_lines()) if self.kept_dense is not None else "")
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{h}</th>" for h in _LAYER_COLUMNS)
@@ -138,7 +159,12 @@ class Report:
             for row in self.layers
         )
         summary = "<br>".join(html.escape(line) for line in self.summary_lines())
-        return f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+        dense = "<br>".join(html.escape(line).replace("  ", "&nbsp;&nbsp;") for line in self.dense_lines())
+        return (
+            f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            + (f"<p>{dense}</p>" if dense else "")
+            + "</div>"
+        )
 
 
 def _finite(data: Any) -> Any:
@@ -283,7 +309,8 @@ def report(
                 module.training = training
         output = compare_outputs(actual, expected)
         logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
-    return Report(type(model).__name__, held_config, tuple(rows), output, restored)
+    kept_dense = DenseInventory(tuple(dense_inventory(model, targets, options.config)))
+    return Report(type(model).__name__, held_config, tuple(rows), output, restored, kept_dense)
 
 
 def _caller(inputs: Any) -> Callable[[nn.Module], Any]:
