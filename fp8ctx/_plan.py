@@ -18,7 +18,7 @@ from ._errors import FP8Error
 from ._layout import COMPUTE_DTYPES
 from ._progress import progress
 from ._tensor import FP8Tensor
-from .integrations.offload import meta_weight_advice
+from .integrations.offload import meta_weight_advice, offloaded_by_accelerate, under
 
 __all__ = [
     "Plan",
@@ -171,6 +171,21 @@ def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> lis
     return targets
 
 
+def _refuse_offloaded_entries(module: nn.Module, store: Mapping[str, FP8Tensor]) -> None:
+    """Raise if the store holds a weight of a layer that accelerate offloads (its hook would overwrite it)."""
+    offloaded = offloaded_by_accelerate(module)
+    if not offloaded or not isinstance(store, Mapping):
+        return
+    for name in store:
+        parent = under(name.rpartition(".")[0], offloaded)
+        if parent is not None:
+            raise FP8Error(
+                f"store entry {name!r} belongs to layer {parent or type(module).__name__!r}, which accelerate "
+                f"offloads. {meta_weight_advice(module)} With a store, build it for the resident layers only: "
+                "FP8Store.from_module(model, exclude=[...])."
+            )
+
+
 def check_overlap(plans: Sequence[Plan]) -> None:
     """Raise if one weight is planned for two of the modules (one module passed twice, or inside another).
 
@@ -210,6 +225,8 @@ class Plan:
     @classmethod
     def make(cls, module: nn.Module, config: FP8Config, store: Mapping[str, FP8Tensor] | None = None) -> Plan:
         """The plan for ``module``: the store's entries matched to it, or the targets ``config`` selects."""
+        if store is not None:
+            _refuse_offloaded_entries(module, store)
         targets = targets_from_store(module, store) if store is not None else find_targets(module, config)
         return cls(module, tuple(targets), config, store)
 

@@ -484,3 +484,33 @@ def run_qwen_image_pipeline(pipe, seed: int = 0, prompt: str = QWEN_IMAGE_PROMPT
     )
     call.update(kwargs)
     return pipe(**call).images
+
+
+def qwen25vl_text_tower(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """The text tower of :func:`qwen25vl` alone (``Qwen2_5_VLTextModel``: embedding, 2 decoder layers, norm), eval mode.
+
+    What multi-device tests split over devices and ranks; inputs are ``input_ids`` of its 512-token vocabulary.
+    """
+    from transformers import Qwen2_5_VLTextModel
+
+    config = qwen25vl_config().text_config
+    config._attn_implementation = "sdpa"
+    _seed(seed)
+    model = Qwen2_5_VLTextModel(config)
+    fp32_buffers = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model = model.to(dtype).eval()
+    for name, buf in fp32_buffers.items():
+        mod_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, buf)
+    return model
+
+
+def text_tower_device_map(model, devices: list) -> dict:
+    """An accelerate ``device_map`` for :func:`qwen25vl_text_tower`: embedding and first half of the layers on
+    ``devices[0]``, the rest (and the norm) spread over the others in order; one hook per block."""
+    layers = len(model.layers)
+    mapping = {"embed_tokens": devices[0], "rotary_emb": devices[0]}
+    for index in range(layers):
+        mapping[f"layers.{index}"] = devices[min(index * len(devices) // layers, len(devices) - 1)]
+    mapping["norm"] = devices[-1]
+    return mapping

@@ -11,7 +11,7 @@ from conftest import assert_restored, fake_quantized_copy, relative_error, snaps
 from torch import nn
 
 import _models
-from fp8ctx import FP8Error, FP8Tensor, fp8_weights
+from fp8ctx import FP8Error, FP8Store, FP8Tensor, fp8_weights
 
 pytest.importorskip("diffusers")
 accelerate = pytest.importorskip("accelerate")
@@ -125,6 +125,94 @@ def test_accelerate_offloaded_model_is_refused_clearly():
         with fp8_weights(model):
             pass
     assert_restored(model, before)
+
+
+def _tower_and_twin():
+    model = _models.qwen25vl_text_tower()
+    return model, copy.deepcopy(model)
+
+
+def _hooks(model):
+    return {name: vars(m).get("_hf_hook") for name, m in model.named_modules()}
+
+
+def _fp8_run_on_one_device(twin, ids, **options):
+    """The single-device FP8 run a dispatched model must reproduce: the same weights, not dispatched."""
+    with torch.no_grad(), fp8_weights(twin, **options):
+        return twin(input_ids=ids).last_hidden_state
+
+
+def test_accelerate_hooked_device_map_holds_each_layer_on_its_device_and_keeps_the_hooks():
+    model, twin = _tower_and_twin()
+    ids = torch.randint(0, _models.QWEN25VL_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = _fp8_run_on_one_device(twin, ids, granularity="channel")
+    # force_hooks: one AlignDevicesHook per block even on one device, as a real multi-device map has
+    accelerate.dispatch_model(model, _models.text_tower_device_map(model, ["cpu", "cpu"]), main_device="cpu",
+                              force_hooks=True)
+    hooks, before = _hooks(model), snapshot(model)
+    assert sum(hook is not None for hook in hooks.values()) >= 4
+    with torch.no_grad(), fp8_weights(model, granularity="channel") as store:
+        for name, entry in store.items():
+            param = dict(before_params := {n: p for n, p in twin.named_parameters()})[name]
+            assert entry.qdata.device == param.device and entry.scale.device == param.device
+            assert isinstance(model.get_parameter(name), FP8Tensor)
+        out = model(input_ids=ids).last_hidden_state
+        assert _hooks(model) == hooks
+    assert_restored(model, before)
+    assert _hooks(model) == hooks  # the same hook objects, still installed (forward overrides: assert_restored)
+    assert torch.equal(out, expected)  # one device: bit for bit
+    assert relative_error(out, twin(input_ids=ids).last_hidden_state) > 1e-4, "nothing was quantized"
+
+
+@pytest.mark.parametrize("with_store", [False, True], ids=["quantize", "store"])
+def test_accelerate_disk_offloaded_layers_are_refused_by_name_and_can_be_left_out(tmp_path, with_store):
+    model, twin = _tower_and_twin()
+    ids = torch.randint(0, _models.QWEN25VL_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(1))
+    # layer 1 and the norm go to disk: accelerate loads them into the module at every forward
+    accelerate.dispatch_model(model, _models.text_tower_device_map(model, ["cpu", "disk"]), main_device="cpu",
+                              offload_dir=str(tmp_path))
+    hooks, before = _hooks(model), snapshot(model)
+    store = FP8Store.from_module(twin) if with_store else None
+    with pytest.raises(FP8Error, match=r"offloaded by accelerate.*'layers\.1'.*exclude="):
+        with fp8_weights(model, store=store):
+            pass
+    assert_restored(model, before)
+    # the resident layers held as FP8, the offloaded ones left to accelerate
+    store = FP8Store.from_module(twin, exclude=["layers.1"]) if with_store else None
+    options = {"store": store} if with_store else {"exclude": ["layers.1"]}
+    # accelerate gives an offloaded layer new meta Parameter objects at every forward, with or without fp8ctx:
+    # exactness is checked on what fp8ctx holds (the resident part) and the hooks
+    resident = [model.embed_tokens, model.layers[0], model.rotary_emb]
+    resident_before = [snapshot(part) for part in resident]
+    with torch.no_grad(), fp8_weights(model, **options) as held:
+        assert "layers.0.mlp.down_proj.weight" in held and not any(name.startswith("layers.1.") for name in held)
+        out = model(input_ids=ids).last_hidden_state
+    for part, snap in zip(resident, resident_before):
+        assert_restored(part, snap)
+    assert all(p.is_meta for p in model.layers[1].parameters()) and _hooks(model) == hooks
+    assert torch.equal(out, _fp8_run_on_one_device(twin, ids, exclude=["layers.1"]))
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@two_gpus
+def test_accelerate_device_map_over_two_gpus():
+    model, twin = _tower_and_twin()
+    ids = torch.randint(0, _models.QWEN25VL_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(2))
+    expected = _fp8_run_on_one_device(twin.to("cuda:0"), ids.cuda(0), granularity="channel")
+    device_map = _models.text_tower_device_map(model, [0, 1])
+    accelerate.dispatch_model(model, device_map)
+    hooks, before = _hooks(model), snapshot(model)
+    with torch.no_grad(), fp8_weights(model, granularity="channel") as store:
+        devices = {name: model.get_parameter(name).device for name in store}
+        assert {device.index for device in devices.values()} == {0, 1}
+        for name, entry in store.items():
+            assert entry.qdata.device == devices[name] and entry.scale.device == devices[name]
+        out = model(input_ids=ids.cuda(0)).last_hidden_state
+    assert_restored(model, before)
+    assert _hooks(model) == hooks
+    torch.testing.assert_close(out.to(expected.device), expected, rtol=1.6e-2, atol=1e-2)  # bf16 rounding
 
 
 @cuda
