@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
+from . import _fsdp
 from ._plan import Plan
 from ._swap import Journal, find_slots
 from ._tensor import FP8Tensor
@@ -55,6 +56,11 @@ def holding(
             # entry is itself the stand-in, so the store `as` gives shows such conversions
             fresh = plan.store is not None or compute != "weight_only"
             for target, entry in plan.entries(progress_bar):
+                record = plan.sharded.get(id(target.param))
+                if record is not None:  # FSDP2 swaps the module's slots itself: hold the shard in its record
+                    _fsdp.hold_shard(journal, plan.module, record, entry, compute, offload)
+                    entries[target.name] = entry
+                    continue
                 stand_in = entry.with_compute(compute) if fresh else entry
                 for owner, attribute in slots[id(target.param)]:
                     journal.swap(owner, attribute, stand_in)
@@ -62,6 +68,8 @@ def holding(
                     journal.offload(target.param)
                 entries[target.name] = entry
             held.append(entries)
+        if any(plan.sharded for plan in plans):
+            _fsdp.reshard_on_exit(journal, [plan.module for plan in plans if plan.sharded])
     except BaseException:
         journal.undo()
         raise

@@ -9,10 +9,12 @@ import dataclasses
 import fnmatch
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import _fsdp
 from ._config import ExcludeRule, FP8Config
 from ._errors import FP8Error
 from ._layout import COMPUTE_DTYPES
@@ -221,6 +223,8 @@ class Plan:
     targets: tuple[Target, ...]
     config: FP8Config
     store: Mapping[str, FP8Tensor] | None = None
+    # FSDP2's record of each target that is a sharded DTensor, by id(param): held as FP8 shards (see _fsdp)
+    sharded: Mapping[int, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def make(cls, module: nn.Module, config: FP8Config, store: Mapping[str, FP8Tensor] | None = None) -> Plan:
@@ -228,7 +232,9 @@ class Plan:
         if store is not None:
             _refuse_offloaded_entries(module, store)
         targets = targets_from_store(module, store) if store is not None else find_targets(module, config)
-        return cls(module, tuple(targets), config, store)
+        layouts = [config.layout(target.channel_axis) for target in targets]
+        sharded = _fsdp.check_sharded(module, targets, layouts, store is not None)
+        return cls(module, tuple(targets), config, store, sharded)
 
     def entries(self, progress_bar: bool | None = None) -> Iterator[tuple[Target, FP8Tensor]]:
         """Each target with its FP8 entry, made one at a time (so that a caller can swap in and offload
@@ -238,4 +244,9 @@ class Plan:
                 yield target, self.store[target.name]
             return
         for target in progress(self.targets, "fp8ctx: quantizing", progress_bar):
-            yield target, quantize_target(target, self.config)
+            record = self.sharded.get(id(target.param))
+            if record is not None:  # this rank's FSDP2 shard, with the unsharded weight's scales
+                layout = self.config.layout(target.channel_axis)
+                yield target, _fsdp.quantize_shard(record, target.param, layout, target.name)
+            else:
+                yield target, quantize_target(target, self.config)

@@ -15,11 +15,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["Journal", "find_slots"]
+__all__ = ["ABSENT", "Journal", "find_slots"]
 
 logger = logging.getLogger("fp8ctx")
 
 Slot = tuple[nn.Module, str]
+
+ABSENT = object()
+"""For :meth:`Journal.set_attributes`: the attribute is absent (deleted, or deleted again on undo)."""
 
 
 def find_slots(root: nn.Module, parameters: Iterable[torch.Tensor]) -> dict[int, list[Slot]]:
@@ -130,6 +133,54 @@ class Journal:
 
         self._undo.append(bring_back)
         param.data = _placeholder(param)
+
+    def set_attributes(self, owner: object, values: dict[str, object]) -> None:
+        """Set attributes of ``owner`` (not a module: another library's bookkeeping object); undo puts the
+        old values back, deleting those that were absent. A value of :data:`ABSENT` deletes the attribute."""
+        old = {name: getattr(owner, name, ABSENT) for name in values}
+
+        def put_back() -> None:
+            for name, value in old.items():
+                if value is ABSENT:
+                    if hasattr(owner, name):
+                        delattr(owner, name)
+                else:
+                    setattr(owner, name, value)
+
+        self._undo.append(put_back)
+        for name, value in values.items():
+            if value is ABSENT:
+                if hasattr(owner, name):
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+    def on_undo(self, step: Callable[[], None]) -> None:
+        """Run ``step`` when undoing, before every change recorded until now (newest first)."""
+        self._undo.append(step)
+
+    def offload_storage(self, tensor: torch.Tensor) -> None:
+        """Copy ``tensor``'s storage to (pinned) host memory and free it on the device, keeping every tensor
+        object that views it (its size drops to 0; undo brings back the same bytes into the same storage).
+
+        For storage shared by objects fp8ctx must not replace (an FSDP2 shard and its DTensor parameter).
+        CPU storage is left as it is.
+        """
+        storage = tensor.untyped_storage()
+        if tensor.device.type == "cpu" or storage.nbytes() == 0:
+            return
+        pinned = torch.cuda.is_available() and tensor.device.type == "cuda"
+        host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned)
+        host.untyped_storage().copy_(storage, non_blocking=pinned)
+        if pinned:
+            torch.cuda.current_stream(tensor.device).synchronize()
+
+        def bring_back() -> None:
+            storage.resize_(host.numel())
+            storage.copy_(host.untyped_storage(), non_blocking=pinned)
+
+        self._undo.append(bring_back)
+        storage.resize_(0)
 
     def undo(self) -> None:
         """Revert every recorded change, newest first; if some step fails, the rest still run, then the

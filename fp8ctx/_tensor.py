@@ -189,7 +189,7 @@ class FP8Tensor(ReadOnlyTensor):
     def _rewrap(self, data: torch.Tensor | None = None, scale: torch.Tensor | None = None, **changes: Any) -> FP8Tensor:
         """A new wrapper over other (or the same) tensors, with some :class:`FP8Meta` fields changed."""
         meta = dataclasses.replace(self._meta, **changes) if changes else self._meta
-        return FP8Tensor(self._data if data is None else data, self._scale if scale is None else scale, meta)
+        return type(self)(self._data if data is None else data, self._scale if scale is None else scale, meta)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         meta = ", ".join(f"{field.name}={getattr(self._meta, field.name)!r}" for field in dataclasses.fields(FP8Meta))
@@ -233,7 +233,7 @@ class FP8Tensor(ReadOnlyTensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func in _ALIASES:
+        if func in _ALIASES or _whole_view(func, args, kwargs):
             return args[0]._rewrap()
         if func is _aten._to_copy.default:
             moved = _moved(args[0], **kwargs)
@@ -254,6 +254,16 @@ class FP8Tensor(ReadOnlyTensor):
         copied = _as_parameter(self._rewrap(copy.deepcopy(self._data, memo), copy.deepcopy(self._scale, memo)))
         memo[id(self)] = copied
         return copied
+
+
+def _whole_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``torch.as_strided(w, w.shape, w.stride(), 0)``: a view of all of ``w`` (FSDP2 makes its unsharded
+    parameter this way), which must stay FP8."""
+    if func is not _aten.as_strided.default:
+        return False
+    weight, size, stride = args[:3]
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+    return tuple(size) == tuple(weight.shape) and tuple(stride) == weight.stride() and offset in (None, 0)
 
 
 def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = None, **options: Any) -> FP8Tensor | None:

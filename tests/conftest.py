@@ -40,6 +40,9 @@ class Snapshot:
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_meta:  # no values to compare; identity and metadata still are
         return torch.empty(0, dtype=torch.uint8)
+    if type(tensor).__name__ == "DTensor":  # a sharded parameter: this rank's shard, and the local object
+        local = tensor._local_tensor
+        return torch.cat([_bits(local), torch.tensor([id(local)]).view(torch.uint8)])
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
 
 
@@ -75,7 +78,7 @@ def assert_restored(model: nn.Module, before: Snapshot) -> None:
     """Same Parameter objects, same bits, dtype, device, grad flag, strides; same classes, instance
     attributes and hooks; no global hooks left."""
     after = snapshot(model)
-    assert [p[:2] for p in after.params] == [p[:2] for p in before.params], "Parameter objects differ"
+    assert [p[:2] for p in after.params] == [p[:2] for p in before.params], f"Parameter objects differ: {[a[0] for a, b in zip(after.params, before.params) if a[:2] != b[:2]]}"
     for old, new in zip(before.params, after.params):
         name = old[0]
         assert torch.equal(old[2], new[2]), f"{name}: bits differ"

@@ -1,0 +1,177 @@
+"""One rank of the multi-process tests in tests/test_distributed.py, started by ``torch.distributed.run``.
+
+Each rank runs every scenario below on the tiny Qwen2.5-VL text tower under the ``gloo`` backend, checks
+what only the rank can see (its own exact restore, what FSDP2 holds and all-gathers), and writes its
+outputs and measurements to ``<out>/<scenario>-rank<R>.pt`` for the test to compare with a single-process run.
+
+Scenarios:
+    replicas: one replica per rank, each inside its own ``fp8_weights`` block, on this rank's prompts.
+    fsdp: the tower sharded with FSDP2 (``fully_shard`` per decoder layer and on the root), held as FP8 shards
+        in each granularity; all-gather bytes counted against the bf16 FSDP2 run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tests/ helpers, and this checkout's fp8ctx (not an installed one)
+import _models  # noqa: E402
+from conftest import assert_restored, snapshot  # noqa: E402
+
+import fp8ctx  # noqa: E402
+from fp8ctx import FP8Error, fp8_weights  # noqa: E402
+
+PROMPTS_PER_RANK, TOKENS = 2, 12
+GRANULARITIES = {"tensor": {}, "channel": {}, "block": {"block_size": 8}}  # 8 rows: k_proj (32) on up to 4 ranks
+
+
+def prompts(world: int) -> torch.Tensor:
+    """Every rank's prompts, rank r's at rows [2r, 2r + 2)."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, _models.QWEN25VL_VOCAB_SIZE, (world * PROMPTS_PER_RANK, TOKENS), generator=generator)
+
+
+def mine(ids: torch.Tensor, rank: int) -> torch.Tensor:
+    return ids[rank * PROMPTS_PER_RANK : (rank + 1) * PROMPTS_PER_RANK]
+
+
+def replicas(rank: int, world: int) -> dict:
+    model = _models.qwen25vl_text_tower()
+    before = snapshot(model)
+    with torch.no_grad(), fp8_weights(model, granularity="channel") as store:
+        out = model(input_ids=mine(prompts(world), rank)).last_hidden_state
+        held = {name: entry.qdata.dtype for name, entry in store.items()}
+    assert_restored(model, before)
+    return {"out": out, "held": held}
+
+
+class AllGatherBytes:
+    """Counts the bytes each rank sends into FSDP2's all-gathers (device-independent)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._real = dist.all_gather_single
+
+    def __call__(self, output_tensor, input_tensor, *args, **kwargs):
+        self.bytes += input_tensor.numel() * input_tensor.element_size()
+        return self._real(output_tensor, input_tensor, *args, **kwargs)
+
+
+def sharded_tower():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _models.qwen25vl_text_tower()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _records(model) -> list:
+    return [record for layer in model.layers for group in layer._get_fsdp_state()._fsdp_param_groups
+            for record in group.fsdp_params]
+
+
+def fsdp(rank: int, world: int) -> dict:
+    ids = mine(prompts(world), rank)
+    model = sharded_tower()
+    with torch.no_grad():
+        # FSDP2 initializes lazily at the first forward and leaves the root all-gathered after it
+        refusals = {}
+        try:
+            with fp8_weights(model):
+                pass
+        except FP8Error as error:
+            refusals["before_first_forward"] = str(error)
+        counter = AllGatherBytes()
+        with mock.patch.object(dist, "all_gather_single", counter):
+            plain = model(input_ids=ids).last_hidden_state
+        dense_gathered = counter.bytes
+        try:
+            with fp8_weights(model):
+                pass
+        except FP8Error as error:
+            refusals["unsharded_root"] = str(error)
+        model.reshard()
+        try:
+            with fp8_weights(model, store=fp8ctx.FP8Store.from_module(_models.qwen25vl_text_tower())):
+                pass
+        except FP8Error as error:
+            refusals["store"] = str(error)
+        before = snapshot(model)
+        records = _records(model)
+        sharded_before = [(record.sharded_param, record.all_gather_outputs) for record in records]
+        results = {"plain": plain, "dense_gathered": dense_gathered, "refusals": refusals}
+        for granularity, options in GRANULARITIES.items():
+            counter = AllGatherBytes()
+            with mock.patch.object(dist, "all_gather_single", counter), \
+                    fp8_weights(model, granularity=granularity, **options) as store:
+                shards = {}
+                for name, entry in store.items():
+                    slot = model.get_parameter(name)  # between forwards: FSDP2's sharded parameter
+                    local = slot._local_tensor
+                    shards[name] = (type(local).__name__, local.qdata.dtype, tuple(local.shape), tuple(slot.shape),
+                                    slot.dtype)
+                out = model(input_ids=ids).last_hidden_state
+                # after each layer's forward FSDP2 freed its all-gathered FP8 weight
+                freed = all(t.untyped_storage().nbytes() == 0 for record in _records(model)
+                            for t in record.all_gather_outputs)
+                results[granularity] = {
+                    "out": out, "gathered": counter.bytes, "shards": shards, "freed_after_forward": freed,
+                    "store_nbytes": store.nbytes, "dense_nbytes": store.dense_nbytes,
+                }
+            assert_restored(model, before)
+            assert [(r.sharded_param, r.all_gather_outputs) for r in records] == sharded_before
+        # an error in the middle of a forward: FSDP2 never reaches its post-forward (layer 1 stays all-gathered
+        # with FP8 weights); the block reshards it and restores every weight it held
+        layers_before = snapshot(model.layers)
+        failing = model.layers[1].mlp.register_forward_pre_hook(lambda *_: 1 / 0)
+        try:
+            with fp8_weights(model, granularity="channel"):
+                model(input_ids=ids)
+        except ZeroDivisionError:
+            results["error_propagated"] = True
+        finally:
+            failing.remove()
+        assert_restored(model.layers, layers_before)
+        # (the root's own embedding and norm stay all-gathered after an error, as FSDP2 leaves them without fp8ctx)
+        counter = AllGatherBytes()
+        with mock.patch.object(dist, "all_gather_single", counter):
+            results["plain_after"] = model(input_ids=ids).last_hidden_state
+        results["dense_gathered_after"] = counter.bytes
+        model.reshard()
+        assert_restored(model, before)
+    return results
+
+
+SCENARIOS = {"replicas": replicas, "fsdp": fsdp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    try:
+        for name in args.scenarios.split(","):
+            result = SCENARIOS[name](rank, world)
+            torch.save(result, os.path.join(args.out, f"{name}-rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
