@@ -27,8 +27,6 @@ Prints a short table last and writes full JSON to --out.
 """
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -38,6 +36,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # fp8ctx from this checkout
 
 SHAPES = {  # Qwen2.5-7B linear layers, (N, K) = (out_features, in_features)
     "qkv": (4608, 3584),
@@ -51,24 +50,46 @@ HBM_BW = 3.0e12      # B/s, measured D2D copy on this H100 (run 1: 3.01 TB/s)
 MMA_RATE = 790e12    # FLOP/s, bf16 dense (run 1: 803 TFLOP/s at 8192^3)
 
 
-def layout(gran, B, fmt=None):
-    """The FP8Layout the launchers take, for a granularity name, block size and storage dtype."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from fp8ctx._layout import FP8Layout
+class _DequantRoute(dict):
+    """Marks the dequantize + cuBLAS route in the config lists (it has no tile configuration)."""
 
-    return FP8Layout(gran, B, storage_dtype=fmt) if fmt is not None else FP8Layout(gran, B)
+    method = "dequant"
+
+    def _asdict(self):
+        return dict(self)
+
+
+class _Kernels:
+    """The kernel entry points in this script's call forms (granularity name and block size), mapped onto the
+    layout-taking API of fp8ctx.kernels._triton."""
+
+    def __init__(self):
+        from fp8ctx._layout import FP8Layout
+        from fp8ctx.kernels import _plan, _triton
+
+        self._layout, self._plan, self._triton = FP8Layout, _plan, _triton
+
+    def KernelConfig(self, method="fused", **fields):
+        return _DequantRoute(DQ) if method == "dequant" else self._plan.KernelConfig(**fields)
+
+    def _pick_config(self, M, N, K):
+        return self._plan.pick_config(M, N, K) or _DequantRoute(DQ)
+
+    def _split_plan(self, *args):
+        return self._plan.split_plan(*args)
+
+    def w8a16_linear(self, x, q, s, gran, B=128, bias=None, config=None):
+        layout = self._layout(gran, B, 0, q.dtype)
+        if isinstance(config, _DequantRoute):
+            return self._triton.w8a16_linear(x, q, s, layout, bias, route="dequant")
+        return self._triton.w8a16_linear(x, q, s, layout, bias, config=config)
+
+    def dequantize(self, q, s, gran, B=128, out_dtype=None):
+        return self._triton.dequantize(q, s, self._layout(gran, B, 0, q.dtype), out_dtype)
 
 
 def load_kernels():
-    try:
-        return importlib.import_module("fp8ctx.kernels._triton")
-    except Exception:
-        path = ROOT / "fp8ctx" / "kernels" / "_triton.py"
-        spec = importlib.util.spec_from_file_location("_fp8ctx_kernels_triton", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+    return _Kernels()
 
 
 def floors_us(M, N, K):
@@ -154,7 +175,7 @@ def _compile_job(job):
         else:
             s = torch.ones(-(-N // B), -(-K // B), device="cuda")
         c = k.KernelConfig(**dict(cfg)) if cfg is not None else None
-        k.w8a16_linear(x, q, s, layout(gran, B, fmt), None, config=c)
+        k.w8a16_linear(x, q, s, gran, B, None, config=c)
         torch.cuda.synchronize()
         return job, time.time() - t0, None
     except Exception as e:  # report, keep going
@@ -179,7 +200,7 @@ def precompile(jobs, nproc):
 
 def compile_key(k, M, N, K, cfg, gran, B):
     c = k.KernelConfig(**dict(cfg)) if cfg is not None else k._pick_config(M, N, K)
-    if c.method == "dequant":
+    if getattr(c, "method", "fused") == "dequant":
         return ("dequant",)
     BK = c.BK
     if gran == "block":
@@ -293,7 +314,7 @@ def run_tests(args):
 NCU_SCRIPT = r"""
 import sys, torch, json
 sys.path.insert(0, {root!r})
-from bench.kernels_micro import layout, load_kernels, quantize
+from bench.kernels_micro import load_kernels, quantize
 k = load_kernels()
 N, K, T = {N}, {K}, {T}
 cfg = {cfg!r}
@@ -302,7 +323,7 @@ q, s = quantize(W, "channel", 128, torch.float8_e4m3fn)
 x = torch.randn(T, K, device="cuda").to(torch.bfloat16)
 c = k.KernelConfig(**cfg) if cfg else None
 for _ in range(3):
-    k.w8a16_linear(x, q, s, layout("channel", 128), config=c)
+    k.w8a16_linear(x, q, s, "channel", 128, config=c)
 torch.cuda.synchronize()
 """
 
@@ -432,9 +453,9 @@ def main():
                 if c and not c.get("method") and any(str(j[3]) == str(tuple(sorted(c.items()))) for j in errs):
                     continue
                 try:
-                    y = k.w8a16_linear(x, Q[0][0], Q[0][1], layout("channel", 128), config=cc)
+                    y = k.w8a16_linear(x, Q[0][0], Q[0][1], "channel", 128, config=cc)
                     err, nan = rel(y, ref), bool(torch.isnan(y).any())
-                    t = B.tgraph([lambda q=q, s=s: k.w8a16_linear(x, q, s, layout("channel", 128), config=cc)
+                    t = B.tgraph([lambda q=q, s=s: k.w8a16_linear(x, q, s, "channel", 128, config=cc)
                                   for q, s in Q])
                 except Exception as e:
                     print(f"[run FAIL] {name} T={T} {cfg_str(c)}: {e!r}"[:400], flush=True)
@@ -442,7 +463,7 @@ def main():
                 r = dict(base, cfg=c if c else dict(k._pick_config(T, N, K)._asdict()), fp8_us=t, ratio=t / t_bf16,
                          torch_ratio=t_torch / t_bf16, err=err, nan=nan, kind=kind)
                 if args.dobench:
-                    r["fp8_us_dobench"] = B.tbench(lambda: k.w8a16_linear(x, Q[0][0], Q[0][1], layout("channel", 128), config=cc))
+                    r["fp8_us_dobench"] = B.tbench(lambda: k.w8a16_linear(x, Q[0][0], Q[0][1], "channel", 128, config=cc))
                 B.res[kind].append(r)
                 print(f"  {name:7s} T={T:5d} {cfg_str(r['cfg']):40s} {t:8.1f}us bf16 {t_bf16:8.1f}us "
                       f"ratio {t / t_bf16:5.2f} floor {f8:6.1f} err {err:.1e}{' NaN!' if nan else ''}"
@@ -464,8 +485,8 @@ def main():
         x = torch.randn(T, K, device="cuda").to(dt_t)
         ref = F.linear(x, (Q[0][0].float() * scale_b(Q[0][1], gran, Bs, N, K)).to(dt_t))
         try:
-            y = k.w8a16_linear(x, Q[0][0], Q[0][1], layout(gran, Bs, fmt_t))
-            t = B.tgraph([lambda q=q, s=s: k.w8a16_linear(x, q, s, layout(gran, Bs, fmt_t)) for q, s in Q])
+            y = k.w8a16_linear(x, Q[0][0], Q[0][1], gran, Bs)
+            t = B.tgraph([lambda q=q, s=s: k.w8a16_linear(x, q, s, gran, Bs) for q, s in Q])
         except Exception as e:
             print(f"[extra FAIL] {name} T={T} {gran} {fmt} {dt}: {e!r}"[:400], flush=True)
             continue
@@ -483,11 +504,10 @@ def main():
         N, K = SHAPES["qkv"]
         q = torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn)
         s = torch.ones(N, device="cuda")
-        lay = layout("channel", 128)  # built once: the host time measured is the launcher's
         Wb = torch.randn(N, K, device="cuda").to(torch.bfloat16)
         for T in (1, 64):
             x = torch.randn(T, K, device="cuda").to(torch.bfloat16)
-            for label, fn in [("w8a16_linear", lambda: k.w8a16_linear(x, q, s, lay)),
+            for label, fn in [("w8a16_linear", lambda: k.w8a16_linear(x, q, s, "channel", 128)),
                               ("F.linear_bf16", lambda: F.linear(x, Wb))]:
                 for _ in range(20):
                     fn()
@@ -506,7 +526,7 @@ def main():
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(300):
-            k.w8a16_linear(x, q, s, lay)
+            k.w8a16_linear(x, q, s, "channel", 128)
         pr.disable()
         torch.cuda.synchronize()
         buf = io.StringIO()
@@ -524,10 +544,10 @@ def main():
             for gran in ("channel", "block"):
                 q, s = quantize(W, gran, 128, torch.float8_e4m3fn)
                 sb = scale_b(s, gran, 128, N, K)
-                ours = k.dequantize(q, s, layout(gran, 128, q.dtype), torch.bfloat16)
+                ours = k.dequantize(q, s, gran, 128, torch.bfloat16)
                 exact = torch.equal(ours.view(torch.int16), (q.float() * sb).to(torch.bfloat16).view(torch.int16))
                 del ours
-                t = B.tgraph([lambda: k.dequantize(q, s, layout(gran, 128, q.dtype), torch.bfloat16)] * 2)
+                t = B.tgraph([lambda: k.dequantize(q, s, gran, 128, torch.bfloat16)] * 2)
                 tt = B.tgraph([lambda: (q.float() * sb).to(torch.bfloat16)] * 2)
                 tc = B.tgraph([lambda: q.to(torch.bfloat16)] * 2)
                 byt = N * K * 3

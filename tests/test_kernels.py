@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import relative_error
 from torch import nn
 
-from fp8ctx import FP8Error, FP8Layout, FP8Store, _numerics, fp8_weights, functional_call, kernels
+from fp8ctx import FP8Error, FP8Store, _numerics, fp8_weights, functional_call, kernels
+from fp8ctx._layout import FP8Layout
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GRANULARITIES = ["tensor", "channel", "block"]
@@ -27,9 +28,12 @@ def test_torch_path_is_dequantize_then_linear(granularity):
     weight = torch.randn(48, 40, dtype=torch.bfloat16)
     entry = entry_for(weight, granularity, 16)
     x, bias = torch.randn(5, 40, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
-    out = kernels.linear(x, entry.qdata, entry.scale, entry.fp8_layout, torch.bfloat16, bias)
-    dense = _numerics.dequantize(entry.qdata, entry.scale, entry.fp8_layout, torch.bfloat16)
+    layout = entry.fp8_layout
+    out = kernels.linear(x, entry.qdata, entry.scale, layout, torch.bfloat16, bias)
+    dense = _numerics.dequantize(entry.qdata, entry.scale, layout, torch.bfloat16)
     assert torch.equal(out, F.linear(x, dense, bias))
+    traced = torch.ops.fp8ctx.linear(x, entry.qdata, entry.scale, layout.granularity.kernel_code, 16, torch.bfloat16, bias)
+    assert torch.equal(traced, out)  # the registered op runs the same implementation
 
 
 def test_backend_switch():
@@ -52,8 +56,9 @@ def test_fused_linear_computes_dequantize_then_matmul(granularity, shape, tokens
     calls = []
     real = _triton.w8a16_linear
     monkeypatch.setattr(_triton, "w8a16_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bias = shape != (1000, 1000)  # the bias rides in the GEMM epilogue; the ragged case has none
     torch.manual_seed(tokens)
-    layer = nn.Linear(shape[1], shape[0], device="cuda", dtype=torch.bfloat16)
+    layer = nn.Linear(shape[1], shape[0], bias=bias, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
     with fp8_weights(layer, granularity=granularity, originals="keep") as store, torch.no_grad():
         out = layer(x)
@@ -202,7 +207,7 @@ def test_functional_call_checks_the_compute_option():
 def test_scaled_mm_path_matches_the_emulation(granularity, tokens, monkeypatch):
     calls = []
     real = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k) or real(*a, **k))
     torch.manual_seed(tokens)
     layer = nn.Linear(3584, 4608, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, 3584, device="cuda", dtype=torch.bfloat16)
@@ -211,17 +216,120 @@ def test_scaled_mm_path_matches_the_emulation(granularity, tokens, monkeypatch):
         with kernels.use_backend("torch"):
             emulated = layer(x)
     assert calls, "torch._scaled_mm did not run"
+    assert calls[0]["bias"] is not None  # the bias rides in the GEMM's epilogue, not a separate add
     assert torch.isfinite(out).all()
     assert relative_error(out, emulated) < 1e-2
 
 
 @cuda
 def test_fused_row_quantization_is_bit_identical():
-    from fp8ctx.kernels import _quantize_rows_torch, _triton
+    from fp8ctx.kernels._quantize import quantize_rows, quantize_rows_torch
 
     x = torch.randn(300, 3584, device="cuda", dtype=torch.bfloat16)
     x[7] = 0
-    q, scale = _triton.quantize_rows(x)
-    q_ref, scale_ref = _quantize_rows_torch(x)
+    q, scale = quantize_rows(x)
+    q_ref, scale_ref = quantize_rows_torch(x)
+    tiny = torch.zeros(2, 64, device="cuda")
+    tiny[0, 3] = 1e-44  # amax / 448 underflows float32: scale 1 by the library's rule, not 0 (NaN codes)
+    q_tiny, scale_tiny = quantize_rows(tiny)
+    assert torch.equal(scale_tiny, quantize_rows_torch(tiny)[1]) and torch.equal(scale_tiny, torch.ones(2, 1, device="cuda"))
+    assert not torch.isnan(q_tiny.float()).any()
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+# -- the registered ops ------------------------------------------------------------------------------------
+
+
+def op_samples():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 48, dtype=torch.bfloat16)
+    x = torch.randn(3, 48, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.bfloat16, requires_grad=True)
+    for granularity in GRANULARITIES:
+        entry = entry_for(weight, granularity, 16)
+        code = FP8Layout(granularity).granularity.kernel_code
+        yield torch.ops.fp8ctx.linear, (x, entry.qdata, entry.scale, code, 16, torch.bfloat16, bias)
+        yield torch.ops.fp8ctx.dequantize, (entry.qdata, entry.scale, code, 16, 0, torch.bfloat16)
+        yield torch.ops.fp8ctx.embedding, (torch.tensor([[1, 5], [31, 0]]), entry.qdata, entry.scale, code, 16,
+                                           torch.float32)
+        if granularity != "block":
+            yield torch.ops.fp8ctx.fp8_linear, (x, entry.qdata, entry.scale, code, 16, torch.bfloat16, None)
+
+
+@pytest.mark.parametrize("op,args", list(op_samples()), ids=lambda v: getattr(v, "__name__", ""))
+def test_registered_ops_pass_torch_opcheck(op, args):
+    # fake (meta) implementation, autograd registration and AOT dispatch, as torch.compile uses them (opcheck's
+    # schema test perturbs every input arithmetically, which float8 tensors do not support on the CPU)
+    torch.library.opcheck(op, args, test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+def recording_backend(graphs):
+    """A torch.compile backend that keeps the ops of each forward graph AOT autograd hands to a compiler."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    return aot_autograd(fw_compiler=compiler)
+
+
+@pytest.mark.parametrize("compute", ["weight_only", "fp8"])
+def test_compile_fullgraph_records_the_fp8ctx_op(compute):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    graphs = []
+    torch._dynamo.reset()
+    with fp8_weights(model, granularity="channel", compute=compute), torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+    op = "fp8ctx.fp8_linear.default" if compute == "fp8" else "fp8ctx.linear.default"
+    assert graphs and op in graphs[0], graphs
+    assert torch.equal(compiled, eager)  # the op ran the same fallback implementation as eager mode
+
+
+def test_compiled_backward_flows_through_the_op():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 16)).to(torch.float32)
+    x = torch.randn(4, 32, requires_grad=True)
+    torch._dynamo.reset()
+    with fp8_weights(model, granularity="tensor"):
+        model(x).square().sum().backward()
+        eager_grad, x.grad = x.grad, None
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    assert torch.allclose(x.grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_compute_adds_the_bias_before_its_one_rounding():
+    from fp8ctx.kernels._quantize import quantize_rows_torch
+
+    torch.manual_seed(3)
+    layer = nn.Linear(64, 48, dtype=torch.bfloat16)
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    with fp8_weights(layer, granularity="channel", compute="fp8") as store, torch.no_grad():
+        out = layer(x)
+        entry = store["weight"]
+        q, x_scale = quantize_rows_torch(x)
+        exact = (q.float() @ entry.qdata.float().T) * x_scale * entry.scale[None, :] + layer.bias.float()
+    assert torch.equal(out, exact.to(torch.bfloat16))
+
+
+def test_tuning_options_and_route_files_are_checked(tmp_path):
+    from fp8ctx.kernels import _route
+
+    with pytest.raises(FP8Error, match="True or False"):
+        kernels.set_tuning("yes")
+    bad = [
+        ("not json", "readable JSON"),
+        ('{"version": 99, "routes": []}', "version"),
+        ('{"version": 1, "routes": [[[1, 2], "dequant"]]}', "bad entry"),
+        ('{"version": 1, "routes": [[[16, 8, 8, "a", "b", "c", 1, "d", false], "fused:nope"]]}', "bad entry"),
+    ]
+    for content, message in bad:
+        path = tmp_path / "routes.json"
+        path.write_text(content)
+        with pytest.raises(FP8Error, match=message):
+            _route._load(path)
+    assert kernels.tuned_routes() == {} or all(len(key) == 9 for key in kernels.tuned_routes())

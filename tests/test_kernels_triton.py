@@ -1,4 +1,4 @@
-"""GPU tests for fp8ctx/kernels/_triton.py (skipped without CUDA or Triton).
+"""GPU tests for the Triton kernels behind fp8ctx.kernels (skipped without CUDA or Triton).
 
 Every check draws fresh random inputs; outputs are compared with the
 reference of the storage contract:
@@ -6,32 +6,20 @@ reference of the storage contract:
 by relative L2 error, and must never contain NaN.
 """
 
-import importlib
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fp8ctx._layout import FP8Layout
+
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA required")
 
+import triton.language as tl  # noqa: E402
 
-def _load_kernels():
-    # The package __init__ is owned by the core and may be incomplete; fall
-    # back to loading the kernel module by path.
-    try:
-        return importlib.import_module("fp8ctx.kernels._triton")
-    except Exception:
-        path = pathlib.Path(__file__).resolve().parents[1] / "fp8ctx" / "kernels" / "_triton.py"
-        spec = importlib.util.spec_from_file_location("_fp8ctx_kernels_triton", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-K_ = _load_kernels()
+from fp8ctx.kernels import _plan, _route, _w8a16  # noqa: E402
+from fp8ctx.kernels import _triton as K_  # noqa: E402
+from fp8ctx.kernels._decode import fp8_decode  # noqa: E402
 DEV = "cuda"
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -43,13 +31,6 @@ def _need_sm89():
 
 
 # ----------------------------------------------------------------- helpers --
-def layout(gran, B, fmt):
-    """The FP8Layout the launchers take."""
-    from fp8ctx._layout import FP8Layout
-
-    return FP8Layout(gran, B, storage_dtype=fmt)
-
-
 def quantize(W, gran, B, fmt):
     """Test-side quantizer following the storage contract (scale multiplies)."""
     fmax = torch.finfo(fmt).max
@@ -80,6 +61,27 @@ def dequant_ref(q, s, gran, B, dt):
     return (q.float() * expand_scale(s, gran, B, N, K)).to(dt)
 
 
+def L(gran, B=128, fmt=torch.float8_e4m3fn):
+    return FP8Layout(gran, B, 0, fmt)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, o_ptr, n, FMT_E5M2: tl.constexpr, OUT_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(o_ptr + offs, fp8_decode(tl.load(q_ptr + offs, mask=m, other=0), FMT_E5M2, OUT_BF16, USE_ASM), mask=m)
+
+
+def decode_fp8(q, out_dtype, use_asm):
+    """The in-register decode the matmul uses, applied elementwise."""
+    flat = q.contiguous().view(torch.uint8).reshape(-1)
+    out = torch.empty(flat.shape, dtype=out_dtype, device=q.device)
+    _decode_kernel[(-(-flat.numel() // 1024),)](flat, out, flat.numel(), FMT_E5M2=q.dtype == torch.float8_e5m2,
+                                                 OUT_BF16=out_dtype == torch.bfloat16, USE_ASM=use_asm, BLOCK=1024)
+    return out.reshape(q.shape)
+
+
 def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
@@ -91,7 +93,7 @@ def poison_allocator(nbytes):
     del t
 
 
-def check_linear(T, N, K, gran, B, fmt, dt, bias=True, config=None, x=None, tol=1e-2):
+def check_linear(T, N, K, gran, B, fmt, dt, bias=True, config=None, x=None, tol=1e-2, route=None):
     W = torch.randn(N, K, device=DEV) * 0.05
     q, s = quantize(W, gran, B, fmt)
     if x is None:
@@ -100,7 +102,7 @@ def check_linear(T, N, K, gran, B, fmt, dt, bias=True, config=None, x=None, tol=
     Wd = dequant_ref(q, s, gran, B, dt)
     ref = F.linear(x, Wd, b)
     poison_allocator(x.numel() // K * N * 2)
-    y = K_.w8a16_linear(x, q, s, layout(gran, B, q.dtype), b, config=config)
+    y = K_.w8a16_linear(x, q, s, L(gran, B, fmt), b, config=config, route=route)
     assert y.shape == ref.shape and y.dtype == dt
     assert not torch.isnan(y).any(), "NaN (unwritten or bad decode)"
     # fp64 truth of the stored weights: ours should be as close as the reference.
@@ -120,7 +122,7 @@ def test_decode_all_codes(fmt, out, asm):
     if asm and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("inline PTX path is sm_90+")
     codes = torch.arange(256, dtype=torch.uint8, device=DEV).view(fmt)
-    got = K_._decode_fp8(codes, out, use_asm=asm)
+    got = decode_fp8(codes, out, asm)
     ref = codes.to(out)
     finite = torch.isfinite(codes.float())
     # bit-exact on every finite code, signed zeros and subnormals included
@@ -141,7 +143,7 @@ def test_dequantize_bit_exact(gran, B, fmt, out, shape):
     W = torch.randn(R, C, device=DEV)
     q, s = quantize(W, gran, B, fmt)
     poison_allocator(R * C * 4)
-    got = K_.dequantize(q, s, layout(gran, B, q.dtype), out)
+    got = K_.dequantize(q, s, L(gran, B, fmt), out)
     ref = dequant_ref(q, s, gran, B, out)
     assert got.dtype == out and got.shape == (R, C)
     ibits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[out]
@@ -153,7 +155,7 @@ def test_dequantize_raw_codes_nan(fmt):
     # Random bytes cover every code, NaN included: NaN stays NaN, the rest exact.
     q = torch.randint(0, 256, (64, 300), dtype=torch.uint8, device=DEV).view(fmt)
     s = torch.rand(64, device=DEV) + 0.5
-    got = K_.dequantize(q, s, layout("channel", 128, q.dtype), torch.bfloat16)
+    got = K_.dequantize(q, s, L("channel", 128, fmt), torch.bfloat16)
     ref = dequant_ref(q, s, "channel", 128, torch.bfloat16)
     nan = torch.isnan(ref)
     assert torch.equal(torch.isnan(got), nan)
@@ -167,7 +169,7 @@ def test_embedding(gran, B, fmt):
     E, D = 1000, 300
     q, s = quantize(torch.randn(E, D, device=DEV), gran, B, fmt)
     idx = torch.randint(0, E, (3, 17), device=DEV)
-    got = K_.embedding(idx, q, s, layout(gran, B, q.dtype), torch.bfloat16)
+    got = K_.embedding(idx, q, s, L(gran, B, fmt), torch.bfloat16)
     ref = dequant_ref(q, s, gran, B, torch.bfloat16)[idx]
     assert got.shape == (3, 17, D)
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
@@ -199,7 +201,7 @@ def test_linear_aligned_large_k(T):
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("gran", ["tensor", "block"])
 def test_linear_forced_configs(swap, split, gran):
-    cfg = K_.KernelConfig(16, 32, 64, swap, 4, 3, split)
+    cfg = _plan.KernelConfig(16, 32, 64, swap, 4, 3, split)
     check_linear(20, 200, 1500, gran, 64, E4, torch.bfloat16, config=cfg)
 
 
@@ -210,15 +212,15 @@ def test_linear_noncontiguous_and_3d():
     base = torch.randn(3, 2 * K, 7, device=DEV).to(torch.bfloat16)
     x = base[:, ::2, :].transpose(1, 2)  # (3, 7, K), non-contiguous
     assert not x.is_contiguous()
-    y = K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype), None)
+    y = K_.w8a16_linear(x, q, s, L("channel"))
     ref = F.linear(x, dequant_ref(q, s, "channel", 128, torch.bfloat16))
     assert y.shape == (3, 7, N)
     assert rel_err(y, ref) < 1e-2
     xs = torch.randn(4, 5, K, device=DEV).to(torch.float16)[:, 1:]  # strided rows
-    y2 = K_.w8a16_linear(xs, q, s, layout("channel", 128, q.dtype), None)
+    y2 = K_.w8a16_linear(xs, q, s, L("channel"))
     assert rel_err(y2, F.linear(xs, dequant_ref(q, s, "channel", 128, torch.float16))) < 1e-2
     xk = torch.randn(9, 2 * K, device=DEV).to(torch.bfloat16)[:, ::2]  # K stride 2, a view
-    y3 = K_.w8a16_linear(xk, q, s, layout("channel", 128, q.dtype), None)
+    y3 = K_.w8a16_linear(xk, q, s, L("channel"))
     assert rel_err(y3, F.linear(xk, dequant_ref(q, s, "channel", 128, torch.bfloat16))) < 1e-2
 
 
@@ -229,10 +231,10 @@ def test_split_k_deterministic_and_counter_reset():
     W = torch.randn(N, K, device=DEV)
     q, s = quantize(W, "channel", 128, E4)
     x = torch.randn(3, K, device=DEV).to(torch.bfloat16)
-    a = K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype))
-    for cfg in [K_.KernelConfig(16, 64, 256, True, 4, 3), K_.KernelConfig(16, 32, 128, False, 4, 3)]:
-        K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype), config=cfg)
-    b = K_.w8a16_linear(x, q, s, layout("channel", 128, q.dtype))
+    a = K_.w8a16_linear(x, q, s, L("channel"))
+    for cfg in [_plan.KernelConfig(16, 64, 256, True, 4, 3), _plan.KernelConfig(16, 32, 128, False, 4, 3)]:
+        K_.w8a16_linear(x, q, s, L("channel"), config=cfg)
+    b = K_.w8a16_linear(x, q, s, L("channel"))
     assert torch.equal(a, b)
     ref = F.linear(x, dequant_ref(q, s, "channel", 128, torch.bfloat16))
     assert rel_err(b, ref) < 1e-2
@@ -243,10 +245,10 @@ def test_bias_dtypes_and_empty():
     q, s = quantize(torch.randn(N, K, device=DEV), "tensor", 128, E5)
     x = torch.randn(4, K, device=DEV).to(torch.bfloat16)
     bias32 = torch.randn(N, device=DEV)
-    y = K_.w8a16_linear(x, q, s, layout("tensor", 128, q.dtype), bias32)
+    y = K_.w8a16_linear(x, q, s, L("tensor", 128, E5), bias32)
     ref = F.linear(x.float(), dequant_ref(q, s, "tensor", 128, torch.bfloat16).float(), bias32)
     assert rel_err(y, ref) < 1e-2
-    e = K_.w8a16_linear(x[:0], q, s, layout("tensor", 128, q.dtype))
+    e = K_.w8a16_linear(x[:0], q, s, L("tensor", 128, E5))
     assert e.shape == (0, N)
 
 
@@ -264,17 +266,16 @@ def test_is_supported():
 @pytest.mark.parametrize("gran", ["channel", "block"])
 def test_linear_dequant_method(gran):
     # The compute-bound route: dequantize() + cuBLAS; exactly the reference.
-    cfg = K_.KernelConfig(0, 0, 0, False, 0, 0, method="dequant")
-    y, ref, e = check_linear(300, 256, 520, gran, 128, E4, torch.bfloat16, config=cfg)
+    y, ref, e = check_linear(300, 256, 520, gran, 128, E4, torch.bfloat16, route="dequant")
     assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("name", ["_CFG_T16", "_CFG_T32", "_CFG_T64", "_CFG_T64_SMALL_W", "_CFG_MID"])
+@pytest.mark.parametrize("name", sorted(_plan.FUSED_CONFIGS))
 @pytest.mark.parametrize("T", [1, 40, 300])
 @pytest.mark.parametrize("gran", ["channel", "block"])
 def test_linear_tuned_configs_ragged(name, T, gran):
     # Every config the dispatcher can pick, on shapes that are not tile multiples.
-    check_linear(T, 300, 520, gran, 64, E4, torch.bfloat16, config=getattr(K_, name))
+    check_linear(T, 300, 520, gran, 64, E4, torch.bfloat16, config=_plan.FUSED_CONFIGS[name])
 
 
 def test_fast_launch_path_and_alignment():
@@ -286,17 +287,83 @@ def test_fast_launch_path_and_alignment():
     x_al = xb[:, :K].contiguous()
     x_mis = xb[:, 1:]  # data_ptr % 16 == 2
     ref = F.linear(x_al, dequant_ref(q, s, "channel", 128, torch.bfloat16))
-    ys = [K_.w8a16_linear(x_al, q, s, layout("channel", 128, q.dtype)) for _ in range(3)]
+    ys = [K_.w8a16_linear(x_al, q, s, L("channel")) for _ in range(3)]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
     assert rel_err(ys[0], ref) < 1e-2
     for _ in range(2):
-        ym = K_.w8a16_linear(x_mis, q, s, layout("channel", 128, q.dtype))
+        ym = K_.w8a16_linear(x_mis, q, s, L("channel"))
         assert rel_err(ym, F.linear(x_mis, dequant_ref(q, s, "channel", 128, torch.bfloat16))) < 1e-2
     # Same config, K divisible / not divisible by 16, alternating: keys must differ.
     q2, s2 = quantize(torch.randn(N, 1000, device=DEV), "channel", 128, E4)
     x2 = torch.randn(5, 1000, device=DEV).to(torch.bfloat16)
     ref2 = F.linear(x2, dequant_ref(q2, s2, "channel", 128, torch.bfloat16))
     for _ in range(2):
-        assert rel_err(K_.w8a16_linear(x_al, q, s, layout("channel", 128, q.dtype)), ref) < 1e-2
-        assert rel_err(K_.w8a16_linear(x2, q2, s2, layout("channel", 128, q2.dtype)), ref2) < 1e-2
-    assert len(K_._launch_w8a16.cache) >= 3  # the cached-launcher path was used
+        assert rel_err(K_.w8a16_linear(x_al, q, s, L("channel")), ref) < 1e-2
+        assert rel_err(K_.w8a16_linear(x2, q2, s2, L("channel")), ref2) < 1e-2
+    assert len(_w8a16._launch.cache) >= 3  # the cached-launcher path was used
+
+
+# -------------------------------------------------------------- route choice --
+@pytest.fixture
+def fresh_routes(monkeypatch):
+    monkeypatch.setattr(_route, "_routes", {})
+    monkeypatch.setattr(_route, "_loaded_files", set())
+    timed = []
+    real = _route._time_ms
+    monkeypatch.setattr(_route, "_time_ms", lambda run, repeats=5: timed.append(1) or real(run, repeats))
+    yield timed
+    _route.set_tuning(True)
+
+
+@pytest.mark.parametrize("T", [8, 300, 2048])
+def test_route_is_measured_once_per_shape_and_remembered(fresh_routes, T):
+    N, K = 1536, 1024
+    q, s = quantize(torch.randn(N, K, device=DEV), "channel", 128, E4)
+    x = torch.randn(T, K, device=DEV).to(torch.bfloat16)
+    ref = F.linear(x, dequant_ref(q, s, "channel", 128, torch.bfloat16))
+    first = K_.w8a16_linear(x, q, s, L("channel"))
+    assert len(fresh_routes) == 2  # both routes timed on the first call
+    (key, chosen), = _route.routes().items()
+    assert key[:3] == (_route.token_bucket(T), N, K) and chosen in (_route.fused_route(T, N, K), "dequant")
+    again = K_.w8a16_linear(x, q, s, L("channel"))
+    assert len(fresh_routes) == 2 and torch.equal(first, again)  # remembered: same route, same bits
+    assert rel_err(first, ref) < 1e-2
+    forced = K_.w8a16_linear(x, q, s, L("channel"), route=chosen.partition(":")[0])
+    assert torch.equal(forced, first)
+
+
+def test_route_without_tuning_is_the_measured_default(fresh_routes):
+    _route.set_tuning(False)
+    q, s = quantize(torch.randn(512, 512, device=DEV), "tensor", 128, E4)
+    for T in (4, 4096):
+        x = torch.randn(T, 512, device=DEV).to(torch.bfloat16)
+        y = K_.w8a16_linear(x, q, s, L("tensor"))
+        assert rel_err(y, F.linear(x, dequant_ref(q, s, "tensor", 128, torch.bfloat16))) < 1e-2
+    assert fresh_routes == [] and _route.routes() == {}
+
+
+def test_route_choices_persist_in_the_cache_dir(fresh_routes, tmp_path):
+    _route.set_tuning(True, cache_dir=tmp_path)
+    q, s = quantize(torch.randn(1024, 768, device=DEV), "channel", 128, E4)
+    x = torch.randn(100, 768, device=DEV).to(torch.bfloat16)
+    y = K_.w8a16_linear(x, q, s, L("channel"))
+    files = list(tmp_path.glob("routes-*.json"))
+    assert len(files) == 1 and len(fresh_routes) == 2
+    _route._routes.clear()
+    _route._loaded_files.clear()
+    assert torch.equal(K_.w8a16_linear(x, q, s, L("channel")), y)
+    assert len(fresh_routes) == 2  # read back from the file, not measured again
+
+
+def test_route_is_not_measured_during_graph_capture(fresh_routes):
+    q, s = quantize(torch.randn(640, 512, device=DEV), "channel", 128, E4)
+    x = torch.randn(32, 512, device=DEV).to(torch.bfloat16)
+    K_.w8a16_linear(x, q, s, L("channel"), route="fused")  # compile outside the capture (not a route choice)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        y = K_.w8a16_linear(x, q, s, L("channel"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert fresh_routes == []
+    assert rel_err(y, F.linear(x, dequant_ref(q, s, "channel", 128, torch.bfloat16))) < 1e-2

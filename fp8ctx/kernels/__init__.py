@@ -1,25 +1,33 @@
-"""The one dispatch point for FP8 weight math: a fused GPU kernel where one applies, pure torch elsewhere.
+"""The one dispatch point for FP8 weight math: fused GPU kernels where they apply, pure torch elsewhere.
 
-Every function here computes exactly what ``_numerics.dequantize`` followed by the dense torch op computes
-(to the rounding of the compute dtype). The Triton kernels in ``_triton`` are used when Triton imports, the
-tensors are on a CUDA device that supports FP8 conversion, and the backend is ``"auto"``; the pure-torch path
-runs everywhere else (CPU, older GPUs, CI).
+Every function here computes exactly what ``_numerics.dequantize`` followed by the dense torch op computes (to
+the rounding of the compute dtype), whichever way it runs:
+
+* in eager mode on plain tensors, the implementation is called directly (``_impl``: the Triton kernels on a
+  CUDA GPU that supports FP8 conversion, pure torch elsewhere) — no dispatcher on the hot path;
+* under a tracer (``torch.compile``, ``torch.export``, ``make_fx``) or on tensor subclasses, the call goes
+  through the registered op (``torch.ops.fp8ctx.linear`` and its siblings, ``_library``), which the graph
+  records as one node with a fake implementation for shapes and which runs the same implementation.
+
+``use_backend("torch")`` switches the fused kernels off (benchmarks compare both in one process). On the GPU,
+which of the fused kernel and dequantize + cuBLAS runs a given shape is measured once and remembered
+(:func:`set_tuning`, ``_route``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from collections.abc import Iterator
-from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
-from .. import _numerics
 from .._errors import FP8Error
-from .._layout import FP8Layout, Granularity
+from .._layout import FP8Layout
+from . import _impl
+from ._impl import BACKENDS, fp8_compute_supported
+from ._library import layout_args, ops
+from ._route import routes as tuned_routes
+from ._route import set_tuning
 
 __all__ = [
     "BACKENDS",
@@ -29,69 +37,46 @@ __all__ = [
     "fp8_linear",
     "get_backend",
     "linear",
+    "set_tuning",
+    "tuned_routes",
     "use_backend",
 ]
-
-BACKENDS = ("auto", "torch")
-_backend = os.environ.get("FP8CTX_BACKEND", "auto")
-
-# FP8 compute (fp8_linear) rounds activations to e4m3, one scale per token
-_ACTIVATION_DTYPE = torch.float8_e4m3fn
-_ACTIVATION_MAX = float(torch.finfo(_ACTIVATION_DTYPE).max)
 
 
 def get_backend() -> str:
     """The active backend: ``"auto"`` (fused kernels where they apply) or ``"torch"`` (always pure torch)."""
-    return _backend
+    return _impl.backend[0]
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Select the backend inside a ``with`` block (benchmarks compare both in one process).
+    """Select the backend inside a ``with`` block.
 
     Raises:
         FP8Error: ``name`` is not one of ``BACKENDS``.
 
     Example:
         >>> with use_backend("torch"):
-        ...     pass
+        ...     get_backend()
+        'torch'
     """
-    global _backend
     if name not in BACKENDS:
         raise FP8Error(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
+    previous, _impl.backend[0] = _impl.backend[0], name
     try:
         yield
     finally:
-        _backend = previous
+        _impl.backend[0] = previous
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_module() -> ModuleType | None:
-    try:
-        from . import _triton
-    except Exception:  # Triton missing or unusable on this platform: the torch path is always correct
-        return None
-    return _triton
-
-
-def _tracing(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Under torch.compile the launchers cannot run on fake tensors; the torch path traces (and fuses) fine."""
-    if torch.compiler.is_compiling():
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return any(is_fake(t) for t in tensors)
-
-
-def _fused(*tensors: torch.Tensor) -> ModuleType | None:
-    """The Triton module if the fused path applies to these tensors, else None."""
-    if _backend != "auto" or not all(t.is_cuda for t in tensors) or _tracing(tensors):
-        return None
-    module = _triton_module()
-    if module is None or not module.is_supported(*tensors):
-        return None
-    return module
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Plain tensors outside any tracer or dispatch mode: call the implementation directly. A tracer's fake or
+    functional tensors, other subclasses, and calls under a mode (AOT autograd, make_fx) go through the op."""
+    return (
+        torch._C._len_torch_dispatch_stack() == 0
+        and all(type(t) is torch.Tensor for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def linear(
@@ -102,65 +87,21 @@ def linear(
     dtype: torch.dtype,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, dequantize(data, scale, layout, dtype), bias)`` for an FP8 weight of shape ``(N, K)``.
+    """``F.linear(x, dequantize(data, scale), bias)`` for an FP8 weight of shape ``(N, K)``.
+
+    Args:
+        x: ``(..., K)`` activations.
+        data, scale: the FP8 codes and their scales (``layout.scale_shape``).
+        layout: the weight's scheme (channel axis 0).
+        dtype: the dtype the weight is dequantized to (the layer's compute dtype).
+        bias: optional ``(N,)``, fused into the GEMM's epilogue on the GPU.
 
     Returns:
         ``(..., N)`` in the dtype ``F.linear`` gives for ``x`` and a ``dtype`` weight.
     """
-    # the fused kernel's K tiles must divide a scale block: block sizes need a factor of 16
-    tiles_fit = layout.granularity is not Granularity.BLOCK or layout.block_size % 16 == 0
-    fused = _fused(x, data) if x.dtype == dtype and tiles_fit else None
-    if fused is not None:
-        return fused.w8a16_linear(x, data, scale, layout, bias)
-    return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
-
-
-def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> torch.Tensor:
-    """A dense copy of an FP8 weight, in one pass on the GPU (``_numerics.dequantize`` elsewhere)."""
-    fused = _fused(data) if layout.channel_axis == 0 and data.dim() >= 1 else None
-    if fused is not None:
-        matrix = data.reshape(layout.matrix_shape(data.shape))
-        return fused.dequantize(matrix, scale, layout, dtype).reshape(data.shape)
-    return _numerics.dequantize(data, scale, layout, dtype)
-
-
-def embedding(
-    indices: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype
-) -> torch.Tensor:
-    """Rows ``indices`` of an FP8 table, dequantized (only the looked-up rows are touched)."""
-    fused = _fused(data)
-    if fused is not None and hasattr(fused, "embedding"):
-        return fused.embedding(indices, data, scale, layout, dtype)
-    return _numerics.dequantize_rows(data, scale, indices, layout, dtype)
-
-
-def fp8_compute_supported(layout: FP8Layout) -> bool:
-    """Whether FP8 compute can use weights stored as ``layout``: e4m3 codes with one scale per output row
-    (``"tensor"`` or ``"channel"``), as FP8 tensor-core matmuls with row-wise scaling need.
-
-    Example:
-        >>> fp8_compute_supported(FP8Layout("channel")), fp8_compute_supported(FP8Layout("block"))
-        (True, False)
-    """
-    return layout.storage_dtype == _ACTIVATION_DTYPE and layout.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
-
-
-def _quantize_rows_torch(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token e4m3 quantization in plain torch: ``(q, scale)`` with ``x ≈ q * scale``, scales by the library's
-    one rule (``_numerics.scale_from_amax``); ``_triton.quantize_rows`` computes the same bits on the GPU."""
-    # float32: the division below must round only once, at the cast
-    values = x2d.float()
-    scale = _numerics.scale_from_amax(values.abs().amax(dim=1, keepdim=True), _ACTIVATION_MAX)
-    # clamp: e4m3fn has no infinity; an overflow would become NaN
-    return (values / scale).clamp(-_ACTIVATION_MAX, _ACTIVATION_MAX).to(_ACTIVATION_DTYPE), scale
-
-
-def _scaled_mm_applies(x2d: torch.Tensor, data: torch.Tensor) -> bool:
-    if _backend != "auto" or not (x2d.is_cuda and data.is_cuda) or x2d.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    n, k = data.shape
-    # FP8 tensor-core GEMMs need sm_89+ and both matrix dims in multiples of 16
-    return torch.cuda.get_device_capability(data.device) >= (8, 9) and n % 16 == 0 and k % 16 == 0
+    if _eager(x, data):
+        return _impl.linear(x, data, scale, layout, dtype, bias)
+    return ops.linear(x, data, scale, *layout_args(layout)[:2], dtype, bias)
 
 
 def fp8_linear(
@@ -173,27 +114,30 @@ def fp8_linear(
 ) -> torch.Tensor:
     """``F.linear`` with the activations rounded to e4m3 per token as well: an FP8 x FP8 matmul.
 
-    On CUDA GPUs with FP8 tensor cores (sm_89+) this is one fused quantization kernel plus
-    ``torch._scaled_mm`` with row-wise scales (``scale_x[t] * scale_w[n]``); elsewhere an exact emulation
+    On CUDA GPUs with FP8 tensor cores (sm_89+) this is one fused quantization kernel plus ``torch._scaled_mm``
+    with row-wise scales (``scale_x[t] * scale_w[n]``) and the bias in its epilogue; elsewhere an exact emulation
     in float32. Its error is that of W8A16 plus the rounding of the activations (e4m3: 3 mantissa bits).
     Weights that FP8 compute cannot use (see :func:`fp8_compute_supported`) take :func:`linear`.
 
     Returns:
         ``(..., N)`` in ``dtype``.
     """
-    if not fp8_compute_supported(layout) or x.dtype != dtype:
-        return linear(x, data, scale, layout, dtype, bias)
-    n, k = data.shape
-    x2d = x.reshape(-1, k)
-    row_scales = scale.reshape(1, -1).expand(1, n).contiguous()  # (1, N): one factor per output channel
-    if _scaled_mm_applies(x2d, data):
-        fused = None if _tracing((x2d,)) else _triton_module()
-        q, x_scales = fused.quantize_rows(x2d) if fused is not None else _quantize_rows_torch(x2d)
-        out = torch._scaled_mm(q, data.t(), scale_a=x_scales, scale_b=row_scales, out_dtype=dtype)
-    else:
-        q, x_scales = _quantize_rows_torch(x2d)
-        # the emulation: exact products of FP8 values, summed in float32, scaled, rounded once
-        out = ((q.float() @ data.float().t()) * x_scales * row_scales).to(dtype)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], n)
+    if _eager(x, data):
+        return _impl.fp8_linear(x, data, scale, layout, dtype, bias)
+    return ops.fp8_linear(x, data, scale, *layout_args(layout)[:2], dtype, bias)
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> torch.Tensor:
+    """A dense copy of an FP8 weight of any shape, in one pass on the GPU (``_numerics.dequantize`` elsewhere)."""
+    if _eager(data):
+        return _impl.dequantize(data, scale, layout, dtype)
+    return ops.dequantize(data, scale, *layout_args(layout), dtype)
+
+
+def embedding(
+    indices: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows ``indices`` of an FP8 table, dequantized (only the looked-up rows are touched)."""
+    if _eager(indices, data):
+        return _impl.embedding(indices, data, scale, layout, dtype)
+    return ops.embedding(indices, data, scale, *layout_args(layout)[:2], dtype)

@@ -1,0 +1,131 @@
+"""The eager implementations behind the dispatch point: the Triton kernels where they apply, pure torch
+everywhere else. The registered torch ops (``_library``) run these same functions.
+
+Every function computes what ``_numerics.dequantize`` followed by the dense torch op computes (to the rounding
+of the compute dtype). The fused path is taken when the backend is ``"auto"``, Triton imports and the tensors
+are on a CUDA device that supports FP8 conversion.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from .. import _numerics
+from .._layout import FP8Layout, Granularity
+from ._quantize import ACTIVATION_DTYPE, quantize_rows_torch
+
+__all__ = ["dequantize", "embedding", "fp8_compute_supported", "fp8_linear", "linear"]
+
+BACKENDS = ("auto", "torch")
+backend = [os.environ.get("FP8CTX_BACKEND", "auto")]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_module() -> ModuleType | None:
+    """The Triton backend, or None where Triton is missing or unusable (the torch path is always correct)."""
+    try:
+        from . import _triton
+    except Exception:
+        return None
+    return _triton if _triton.HAS_TRITON else None
+
+
+def _fused(*tensors: torch.Tensor) -> ModuleType | None:
+    if backend[0] != "auto" or not tensors[0].is_cuda:
+        return None
+    module = triton_module()
+    if module is None or not module.is_supported(*tensors):
+        return None
+    return module
+
+
+def linear(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    layout: FP8Layout,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, dequantize(data, scale), bias)`` for an FP8 weight ``(N, K)``."""
+    # the fused kernel's K tiles must divide a scale block: block sizes need a factor of 16
+    tiles_fit = layout.granularity is not Granularity.BLOCK or layout.block_size % 16 == 0
+    fused = _fused(x, data) if x.dtype == dtype and tiles_fit else None
+    if fused is not None:
+        return fused.w8a16_linear(x, data, scale, layout, bias)
+    return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> torch.Tensor:
+    """A dense copy of an FP8 weight, in one pass on the GPU."""
+    fused = _fused(data) if layout.channel_axis == 0 and data.dim() >= 1 else None
+    if fused is not None:
+        matrix = data.reshape(layout.matrix_shape(data.shape))
+        return fused.dequantize(matrix, scale, layout, dtype).reshape(data.shape)
+    return _numerics.dequantize(data, scale, layout, dtype)
+
+
+def embedding(
+    indices: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows ``indices`` of an FP8 table, dequantized (only the looked-up rows are touched)."""
+    fused = _fused(data) if indices.is_cuda else None
+    if fused is not None:
+        return fused.embedding(indices, data, scale, layout, dtype)
+    return _numerics.dequantize_rows(data, scale, indices, layout, dtype)
+
+
+def fp8_compute_supported(layout: FP8Layout) -> bool:
+    """Whether FP8 compute can use weights stored as ``layout``: e4m3 codes with one scale per output row
+    (``"tensor"`` or ``"channel"``), as FP8 tensor-core matmuls with row-wise scaling need.
+
+    Example:
+        >>> fp8_compute_supported(FP8Layout("channel")), fp8_compute_supported(FP8Layout("block"))
+        (True, False)
+    """
+    return layout.storage_dtype == ACTIVATION_DTYPE and layout.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
+
+
+def _scaled_mm_applies(x2d: torch.Tensor, data: torch.Tensor) -> bool:
+    if backend[0] != "auto" or not (x2d.is_cuda and data.is_cuda) or x2d.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    n, k = data.shape
+    # FP8 tensor-core GEMMs need sm_89+ and both matrix dims in multiples of 16
+    return torch.cuda.get_device_capability(data.device) >= (8, 9) and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    layout: FP8Layout,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with the activations rounded to e4m3 per token as well: an FP8 x FP8 matmul, the bias
+    added in float32 before the one rounding to ``dtype`` (by ``torch._scaled_mm``'s epilogue on the GPU)."""
+    if not fp8_compute_supported(layout) or x.dtype != dtype:
+        return linear(x, data, scale, layout, dtype, bias)
+    n, k = data.shape
+    x2d = x.reshape(-1, k)
+    row_scales = scale.reshape(1, -1).expand(1, n).contiguous()  # (1, N): one factor per output channel
+    if _scaled_mm_applies(x2d, data):
+        fused = triton_module()
+        q, x_scales = fused.quantize_rows(x2d) if fused is not None else quantize_rows_torch(x2d)
+        out = torch._scaled_mm(
+            q, data.t(), scale_a=x_scales, scale_b=row_scales, bias=None if bias is None else bias.to(dtype),
+            out_dtype=dtype,
+        )  # fmt: skip
+    else:
+        q, x_scales = quantize_rows_torch(x2d)
+        # the emulation: exact products of FP8 values, summed in float32, scaled, bias added, rounded once
+        out = (q.float() @ data.float().t()) * x_scales * row_scales
+        if bias is not None:
+            out = out + bias.to(dtype).float()
+        out = out.to(dtype)
+    return out.reshape(*x.shape[:-1], n)
