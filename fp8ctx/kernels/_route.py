@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .._errors import FP8Error
+from ._capability import device_name
 from ._plan import CFG_MID, CFG_T16, CFG_T64, CFG_T64_SMALL_W, FUSED_CONFIGS, KernelConfig, pick_config
 
 __all__ = ["ROUTES", "RouteKey", "choose", "routes", "set_tuning"]
@@ -104,7 +105,7 @@ def _file(device: torch.device) -> Path | None:
     folder = _cache_dir[0]
     if folder is None:
         return None
-    name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    name = device_name(device).replace(" ", "_").replace("/", "_")
     return folder / f"routes-{name}.json"
 
 
