@@ -396,6 +396,17 @@ def _setup_torchao(model, wl, info):
     return model, _noop
 
 
+@register("torchao-f8dq", family="torchao", unavailable=_torchao_unavailable,
+          applies=_torchao_applies,
+          about="torchao quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())): "
+                "FP8 x FP8 Linear with per-token activation scales (compare fp8ctx compute='fp8')")
+def _setup_torchao_dynamic(model, wl, info):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_  # noqa: PLC0415
+
+    ret = quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return (ret if isinstance(ret, nn.Module) else model), _noop
+
+
 # ---------------------------------------------------------------------------------------------
 # The seed's hook approach, reimplemented (revisions 1 and 2)
 # ---------------------------------------------------------------------------------------------

@@ -41,20 +41,28 @@ TINY_TEXT = dict(
 )
 TINY_VAE = dict(base_dim=8)  # z_dim stays 16 so the latent has 16 channels
 
+# Qwen-Image DiT (diffusers' QwenImageTransformer2DModel defaults: 24 heads x 128 = 3072 wide, text features
+# 3584, 64 packed latent channels), 4 of its 60 blocks. Image tokens are (px / 16)^2 (VAE /8, patch 2).
+QWEN_IMAGE_DIT = dict(num_layers=4)
+TINY_DIT = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
+                axes_dims_rope=(8, 12, 12), in_channels=16, out_channels=4)
+
 # (warm-up, timed) iterations per workload kind and preset.
 ITERS = {
-    "full": {"linear": (10, 30), "conv": (5, 20), "text": (3, 10), "vae": (2, 5)},
-    "quick": {"linear": (3, 10), "conv": (3, 8), "text": (2, 5), "vae": (1, 3)},
-    "tiny": {"linear": (1, 3), "conv": (1, 3), "text": (1, 3), "vae": (1, 2)},
+    "full": {"linear": (10, 30), "conv": (5, 20), "text": (3, 10), "vae": (2, 5), "dit": (3, 10)},
+    "quick": {"linear": (3, 10), "conv": (3, 8), "text": (2, 5), "vae": (1, 3), "dit": (2, 5)},
+    "tiny": {"linear": (1, 3), "conv": (1, 3), "text": (1, 3), "vae": (1, 2), "dit": (1, 2)},
 }
 
 PRESETS = {
     "full": dict(text_cfg=QWEN25VL_7B_TEXT, text_layers=8, tokens=[64, 256, 1024],
-                 vae_cfg={}, vae_latent=128),
+                 vae_cfg={}, vae_latent=128, dit_cfg=QWEN_IMAGE_DIT, dit_px=[1024, 512], dit_text=256,
+                 dit_text_dim=3584),
     "quick": dict(text_cfg=QWEN25VL_7B_TEXT, text_layers=2, tokens=[64, 256, 1024],
-                  vae_cfg={}, vae_latent=32),
+                  vae_cfg={}, vae_latent=32, dit_cfg=QWEN_IMAGE_DIT, dit_px=[512], dit_text=256,
+                  dit_text_dim=3584),
     "tiny": dict(text_cfg=TINY_TEXT, text_layers=2, tokens=[8, 32],
-                 vae_cfg=TINY_VAE, vae_latent=4),
+                 vae_cfg=TINY_VAE, vae_latent=4, dit_cfg=TINY_DIT, dit_px=[128], dit_text=10, dit_text_dim=64),
 }
 
 # Short groups accepted by --workloads besides the full names and glob patterns.
@@ -64,6 +72,7 @@ GROUPS = {
     "linear": ["linear-qkv", "linear-o", "linear-gate_up", "linear-down"],
     "linears": ["linear-qkv", "linear-o", "linear-gate_up", "linear-down"],
     "conv": ["vae-conv3d"],
+    "dit": ["dit"],
 }
 
 
@@ -181,6 +190,7 @@ def make_vae_decode(preset: str, seed: int) -> Workload:
         warmup=warm,
         iters=iters,
         has_linear=False,
+        graph_calls=1,
         info={"latent": [1, 16, 1, lat, lat], "vae_config": vae_cfg or "default"},
     )
 
@@ -305,6 +315,66 @@ def make_text_tower(preset: str, seed: int, layers: int | None = None) -> Worklo
 
 
 # ---------------------------------------------------------------------------------------------
+# Qwen-Image DiT, a few blocks
+# ---------------------------------------------------------------------------------------------
+
+def _build_dit(device: torch.device, cfg: dict, seed: int) -> nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    _seed(seed)
+    with torch.device(device), _default_dtype(BF16):
+        model = QwenImageTransformer2DModel(**cfg)
+    _seed(seed)
+    with torch.no_grad():
+        for m in model.modules():  # N(0, 0.02) weights and biases: every Linear here has a bias, exercise it
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, std=0.02)
+    return model.eval()
+
+
+def make_dit(preset: str, seed: int) -> Workload:
+    p = PRESETS[preset]
+    cfg, text, text_dim = p["dit_cfg"], p["dit_text"], p["dit_text_dim"]
+    channels = cfg.get("in_channels", 64)
+    warm, iters = ITERS[preset]["dit"]
+
+    def case(px):
+        side = px // 16  # VAE /8, then 2x2 patches
+
+        def make_inputs(device):
+            g = _gen(device, seed + 5)
+            return dict(
+                hidden_states=torch.randn(1, side * side, channels, generator=g, device=device, dtype=BF16),
+                encoder_hidden_states=torch.randn(1, text, text_dim, generator=g, device=device, dtype=BF16),
+                encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.bool, device=device),
+                timestep=torch.full((1,), 0.5, device=device, dtype=BF16),
+                img_shapes=[(1, side, side)],
+            )
+
+        def forward(model, kw):
+            return model(**kw, return_dict=False)[0]
+
+        return Case(f"{px}px", make_inputs, forward)
+
+    blocks = cfg.get("num_layers")
+    return Workload(
+        name="dit",
+        kind="dit",
+        description=f"Qwen-Image DiT (QwenImageTransformer2DModel({cfg}), {blocks} blocks, random N(0, 0.02) "
+                    f"weights and biases), one denoising step: (px/16)^2 image + {text} text tokens",
+        build=lambda device: _build_dit(device, cfg, seed),
+        cases=[case(px) for px in p["dit_px"]],
+        warmup=warm,
+        iters=iters,
+        has_linear=True,
+        graph_calls=1,
+        info={"config": dict(cfg), "text_tokens": text, "px": p["dit_px"]},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Single Linear layers at the text tower's shapes
 # ---------------------------------------------------------------------------------------------
 
@@ -354,11 +424,13 @@ def make_linear(preset: str, seed: int, which: str) -> Workload:
     )
 
 
-WORKLOAD_NAMES = ["vae-decode", "text-tower", "linear-qkv", "linear-o", "linear-gate_up",
+WORKLOAD_NAMES = ["dit", "vae-decode", "text-tower", "linear-qkv", "linear-o", "linear-gate_up",
                   "linear-down", "vae-conv3d"]
 
 
 def make_workload(name: str, preset: str, seed: int, text_layers: int | None = None) -> Workload:
+    if name == "dit":
+        return make_dit(preset, seed)
     if name == "vae-decode":
         return make_vae_decode(preset, seed)
     if name == "vae-conv3d":

@@ -43,6 +43,9 @@ import torch  # noqa: E402
 
 import _methods as M  # noqa: E402
 import _workloads as W  # noqa: E402
+import _profile as P  # noqa: E402
+
+PROFILE = [True]  # --no-profile clears it
 
 MiB = 1024 * 1024
 DTYPE_SHORT = {
@@ -268,6 +271,11 @@ def measure_case(dev: Dev, wl, case, method: M.Method, model, inp, ref: dict, is
             except Exception as e:  # a forward that syncs with the host cannot be captured
                 r["graph_error"] = _short_err(e)
                 dev.cleanup()
+    if dev.cuda and PROFILE[0] and method.family in ("baseline", "fp8ctx"):
+        try:
+            r["profile"] = P.breakdown(fwd, dev.device)
+        except Exception as e:  # the profiler is a diagnostic: never lose the timings over it
+            r["profile_error"] = _short_err(e)
     if is_ref:
         ref[case.name] = out_c
         r["rel_l2_err"] = 0.0
@@ -711,6 +719,13 @@ def markdown(report: dict) -> str:
         out += ["", "## Noise (same method run twice)", "",
                 "| workload | method | case | run 1 ms | run 2 ms | spread |",
                 "|---|---|---|---:|---:|---:|"] + noise_rows
+    out += P.markdown_section(report)
+    routes = report["env"].get("tuned_routes")
+    if routes:
+        out += ["", "## Routes the tuner chose (fp8ctx.kernels.tuned_routes())", "",
+                "| token bucket | N | K | dtype | GPU | granularity | block | FP8 | bias | route |",
+                "|---:|---:|---:|---|---|---|---:|---|---|---|"]
+        out += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in routes]
     na = [(w["name"], r["method"], r.get("reason")) for w in report["workloads"]
           for r in w.get("results", []) if r["status"] != "ok"]
     if na:
@@ -758,6 +773,8 @@ def parse_args(argv):
                         "recorded as skipped (0 = none); the JSON is rewritten after each workload")
     p.add_argument("--out", default=str(HERE / "results.json"), help="JSON output path")
     p.add_argument("--markdown", default=None, help="also write a markdown report here")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the per-case torch.profiler breakdown of the bf16 and fp8ctx methods")
     p.add_argument("--list", action="store_true", help="list workloads and methods, then exit")
     return p.parse_args(argv)
 
@@ -783,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(1)  # toy shapes: threads only add scheduling noise
     dev = Dev(device)
+    PROFILE[0] = not args.no_profile
 
     for mod in ("transformers", "diffusers"):
         try:
@@ -832,6 +850,12 @@ def main(argv: list[str] | None = None) -> int:
             report["wall_s"] = time.perf_counter() - t_all
             out.write_text(json.dumps(_jsonable(report), indent=1))  # partial results survive
     report["wall_s"] = time.perf_counter() - t_all
+    try:
+        from fp8ctx import kernels
+
+        report["env"]["tuned_routes"] = [[*key, route] for key, route in kernels.tuned_routes().items()]
+    except Exception:  # an fp8ctx without route tuning
+        pass
     out.write_text(json.dumps(_jsonable(report), indent=1))
     if args.markdown:
         md = Path(args.markdown)

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8ctx  # noqa: E402
-from fp8ctx import _numerics, kernels  # noqa: E402
+from fp8ctx import kernels  # noqa: E402
 
 
 def make_model(width: int, depth: int, device: str) -> nn.Sequential:
@@ -152,11 +152,81 @@ def observe(name: str, device: str) -> dict[str, str]:
     return seen
 
 
+def host_ladder(device: str, repeats: int, profile_path: str | None) -> dict[str, float]:
+    """Host cost of one held Linear call on the default (fused) path, and of each layer beneath it.
+
+    Each figure is the wall time per call of ``repeats`` back-to-back calls with one synchronize at the end:
+    the layers are tiny (one 64x64 weight, batch 1), so the GPU waits on the host and wall time is host time.
+    """
+    from fp8ctx.kernels import _impl, _library
+
+    layer = make_model(64, 1, device)[0]
+    x = torch.randn(1, 64, device=device, dtype=torch.bfloat16)
+    rows: dict[str, float] = {}
+
+    def per_call(fn) -> float:
+        for _ in range(50):
+            fn()
+        best = float("inf")
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - start) * 1e6 / repeats)
+        return best
+
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    with torch.no_grad():
+        rows["plain nn.Linear call"] = per_call(lambda: layer(x))
+        rows["F.linear (bf16)"] = per_call(lambda: torch.nn.functional.linear(x, weight, bias))
+        with fp8ctx.fp8_weights(layer, granularity="channel", originals="keep") as store:
+            held = layer.weight
+            entry = store["weight"]
+            data, scale = entry.qdata, entry.scale
+            layout = _library._layout(1, 128, 0, data.dtype)
+            rows["held nn.Linear call (fp8ctx)"] = per_call(lambda: layer(x))
+            rows["F.linear on the held weight"] = per_call(lambda: torch.nn.functional.linear(x, held, bias))
+            rows["kernels.linear (dispatch point)"] = per_call(
+                lambda: kernels.linear(x, data, scale, layout, torch.bfloat16, bias))
+            rows["_impl.linear (implementation)"] = per_call(
+                lambda: _impl.linear(x, data, scale, layout, torch.bfloat16, bias))
+            rows["torch.ops.fp8ctx.linear (registered op)"] = per_call(
+                lambda: torch.ops.fp8ctx.linear(x, data, scale, 1, 128, torch.bfloat16, bias))
+            module = _impl.triton_module()
+            if module is not None and device == "cuda":
+                from fp8ctx.kernels import _plan, _w8a16
+
+                rows["_triton.w8a16_linear (routing + checks)"] = per_call(
+                    lambda: module.w8a16_linear(x, data, scale, layout, bias))
+                rows["_w8a16.fused_linear (launch only)"] = per_call(
+                    lambda: _w8a16.fused_linear(x, data, scale, layout, bias, _plan.CFG_T16))
+            if profile_path:
+                import cProfile
+                import pstats
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(repeats):
+                    layer(x)
+                profiler.disable()
+                with open(profile_path, "w") as stream:
+                    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(25)
+    rows["op dispatch overhead (op - implementation)"] = (
+        rows["torch.ops.fp8ctx.linear (registered op)"] - rows["_impl.linear (implementation)"])
+    rows["held call over plain call"] = rows["held nn.Linear call (fp8ctx)"] - rows["plain nn.Linear call"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--profile", help="write a cProfile of held-layer calls on the fast path here")
     args = parser.parse_args()
     device = args.device
     width, depth = 64, 16
@@ -179,14 +249,15 @@ def main() -> None:
     with kernels.use_backend("torch"):
         start = time.perf_counter()
         for _ in range(args.repeats):
-            _numerics.dequantize(entry.qdata, entry.scale, entry.fp8_layout, weight.dtype)
+            entry.dequantize()
         if device == "cuda":
             torch.cuda.synchronize()
     dequant_us = (time.perf_counter() - start) * 1e6 / args.repeats
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "layers": depth, "width": width, "dequantize_us": dequant_us}
+    ladder = host_ladder(device, max(args.repeats, 1000), args.profile)
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "host_ladder_us": ladder}, indent=2))
     print(f"{meta['device']}, torch {meta['torch']}, {depth} Linear({width},{width}) layers, batch 1, bf16;"
           f" one 64x64 pure-torch dequantize: {dequant_us:.1f} us")
     columns = ["forward_us", "overhead_per_layer_us", "first param dtype inside", "weight read outside forward",
@@ -194,6 +265,9 @@ def main() -> None:
     print("mechanism  " + " | ".join(columns))
     for name, row in results.items():
         print(f"{name:<10} " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    print("host cost per call on the default path (us):")
+    for name, us in ladder.items():
+        print(f"  {name:<45} {us:8.2f}")
 
 
 if __name__ == "__main__":
