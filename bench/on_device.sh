@@ -16,8 +16,10 @@ mode=${1:-all}
 out=${OUT:-device-out}
 mkdir -p "$out"
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >"$out/pip.txt" 2>&1 || { echo "wheel install failed"; tail -5 "$out/pip.txt"; }
+# the wheels sit in the repository root's .whl/ (in a worktree under .wt/NAME, two levels up)
+wheels=.whl; [[ -d $wheels ]] || wheels=../../.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
+  >/tmp/pip.txt 2>&1 || { echo "wheel install failed"; tail -5 /tmp/pip.txt; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
@@ -34,8 +36,9 @@ if [[ $mode == tests || $mode == all ]]; then
 fi
 
 if [[ $mode == bench || $mode == all ]]; then
-  python3 bench/mechanism.py --device cuda --json "$out/mechanism.json" >"$out/mechanism.txt" 2>&1
-  tail -8 "$out/mechanism.txt"
+  python3 bench/mechanism.py --device cuda --json "$out/mechanism.json" --profile "$out/host_profile.txt" \
+    >"$out/mechanism.txt" 2>&1
+  tail -18 "$out/mechanism.txt"
   python3 bench/compare.py --budget-s "${BUDGET_S:-500}" ${METHODS:+--methods "$METHODS"} --out "$out/results.json" --markdown "$out/benchmarks.md" \
     >"$out/compare.txt" 2>&1
   echo "compare rc=$?"
