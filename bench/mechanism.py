@@ -158,7 +158,7 @@ def host_ladder(device: str, repeats: int, profile_path: str | None) -> dict[str
     Each figure is the wall time per call of ``repeats`` back-to-back calls with one synchronize at the end:
     the layers are tiny (one 64x64 weight, batch 1), so the GPU waits on the host and wall time is host time.
     """
-    from fp8ctx.kernels import _impl, _library
+    from fp8ctx.kernels import _impl
 
     layer = make_model(64, 1, device)[0]
     x = torch.randn(1, 64, device=device, dtype=torch.bfloat16)
@@ -187,7 +187,7 @@ def host_ladder(device: str, repeats: int, profile_path: str | None) -> dict[str
             held = layer.weight
             entry = store["weight"]
             data, scale = entry.qdata, entry.scale
-            layout = _library._layout(1, 128, 0, data.dtype)
+            layout = entry.fp8_layout
             rows["held nn.Linear call (fp8ctx)"] = per_call(lambda: layer(x))
             rows["F.linear on the held weight"] = per_call(lambda: torch.nn.functional.linear(x, held, bias))
             rows["kernels.linear (dispatch point)"] = per_call(
