@@ -66,10 +66,11 @@ def implements(
 
 def _records_grad(*tensors: Any) -> bool:
     """Whether autograd will save this op's inputs (and so our hook must keep the dense copy out)."""
-    if torch.compiler.is_compiling():
+    # cheapest first: inference (no_grad / inference_mode) answers with one C call on every layer call
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         # under torch.compile, AOTAutograd decides what backward saves; fake tensors have no storage to match
         return False
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 @dataclasses.dataclass(frozen=True)

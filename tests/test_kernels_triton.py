@@ -308,6 +308,7 @@ def test_fast_launch_path_and_alignment():
 def fresh_routes(monkeypatch):
     monkeypatch.setattr(_route, "_routes", {})
     monkeypatch.setattr(_route, "_loaded_files", set())
+    monkeypatch.setattr(_route, "resolved", {})
     timed = []
     real = _route._time_ms
     monkeypatch.setattr(_route, "_time_ms", lambda run, repeats=5: timed.append(1) or real(run, repeats))
@@ -351,6 +352,7 @@ def test_route_choices_persist_in_the_cache_dir(fresh_routes, tmp_path):
     assert len(files) == 1 and len(fresh_routes) == 2
     _route._routes.clear()
     _route._loaded_files.clear()
+    _route.resolved.clear()
     assert torch.equal(K_.w8a16_linear(x, q, s, L("channel")), y)
     assert len(fresh_routes) == 2  # read back from the file, not measured again
 

@@ -59,6 +59,11 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability (cached: asked on every FP8-compute call)."""
+    return _capability(device_index(device))
+
+
 @functools.lru_cache(maxsize=None)
 def _name_cuda(index: int) -> str:
     return torch.cuda.get_device_name(index)

@@ -78,6 +78,7 @@ else:  # pragma: no cover - without Triton nothing launches these
     _dequant_kernel = _embedding_kernel = None
 
 _launch_dequant = launcher(_dequant_kernel)
+_launch_embedding = launcher(_embedding_kernel)
 
 
 def check_scale(scale: torch.Tensor, layout: FP8Layout, rows: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -171,8 +172,7 @@ def embedding(
         ROWS = 4
         BD = min(1024, max(16, triton.next_power_of_2(D)))
         block_stride = scale.stride(0) if layout.granularity is Granularity.BLOCK else 0
-        _embedding_kernel[(-(-n // ROWS),)](
-            idx, q.view(torch.uint8), scale, out, n, D, block_stride,
-            **_block_consts(layout, q), ROWS=ROWS, BD=BD, num_warps=4,
-        )  # fmt: skip
+        consts = dict(_block_consts(layout, q), ROWS=ROWS, BD=BD)
+        args = (idx, q.view(torch.uint8), scale, out, n, D, block_stride)
+        _launch_embedding((-(-n // ROWS),), q.device, args, consts, _launch_embedding.const_values(consts), 4, 3)
     return out.reshape(*indices.shape, D)

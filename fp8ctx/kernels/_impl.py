@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import _numerics
 from .._layout import FP8Layout, Granularity
+from ._capability import capability
 from ._quantize import ACTIVATION_DTYPE, quantize_rows_torch
 
 __all__ = ["dequantize", "embedding", "fp8_compute_supported", "fp8_linear", "linear"]
@@ -96,7 +97,7 @@ def _scaled_mm_applies(x2d: torch.Tensor, data: torch.Tensor) -> bool:
         return False
     n, k = data.shape
     # FP8 tensor-core GEMMs need sm_89+ and both matrix dims in multiples of 16
-    return torch.cuda.get_device_capability(data.device) >= (8, 9) and n % 16 == 0 and k % 16 == 0
+    return n % 16 == 0 and k % 16 == 0 and capability(data.device) >= (8, 9)
 
 
 def fp8_linear(
@@ -112,8 +113,9 @@ def fp8_linear(
     if not fp8_compute_supported(layout) or x.dtype != dtype:
         return linear(x, data, scale, layout, dtype, bias)
     n, k = data.shape
-    x2d = x.reshape(-1, k)
-    row_scales = scale.reshape(1, -1).expand(1, n).contiguous()  # (1, N): one factor per output channel
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
+    # (1, N): one factor per output channel (a view for "channel"; "tensor" repeats its one scale)
+    row_scales = scale.view(1, n) if scale.dim() == 1 else scale.reshape(1, 1).expand(1, n).contiguous()
     if _scaled_mm_applies(x2d, data):
         fused = triton_module()
         q, x_scales = fused.quantize_rows(x2d) if fused is not None else quantize_rows_torch(x2d)
@@ -128,4 +130,4 @@ def fp8_linear(
         if bias is not None:
             out = out + bias.to(dtype).float()
         out = out.to(dtype)
-    return out.reshape(*x.shape[:-1], n)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

@@ -75,12 +75,16 @@ class FastLaunch:
         const_values: tuple[Any, ...],
         num_warps: int,
         num_stages: int,
+        key: tuple[Any, ...] | None = None,
     ) -> None:
+        """Launch on the current stream. ``key``, when given, stands for everything Triton specialises this
+        launch on (a caller that knows which arguments can vary builds it cheaper than ``_spec``)."""
         if not self.ok:
             self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
             return
         index = device.index or 0
-        key = (index, self._spec(args), const_values, num_warps, num_stages)
+        if key is None:
+            key = (index, self._spec(args), const_values, num_warps, num_stages)
         kernel = self.cache.get(key)
         hooks = triton.knobs.runtime
         if kernel is not None and _no_hook(hooks.launch_enter_hook) and _no_hook(hooks.launch_exit_hook):

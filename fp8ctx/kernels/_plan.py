@@ -68,7 +68,7 @@ def split_plan(tiles: int, K: int, BK: int, sms: int, allow: bool) -> tuple[int,
     return split, per * BK
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: plans are cached, never rebuilt
 class LaunchPlan:
     """Everything about one fused-matmul launch that depends only on the problem, computed once per shape.
 

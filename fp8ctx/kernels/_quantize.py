@@ -11,6 +11,7 @@ import torch
 
 from .._numerics import scale_from_amax
 from ._capability import HAS_TRITON, require_triton, tl, triton
+from ._launch import launcher
 
 # FP8 compute rounds activations to e4m3, one scale per token
 ACTIVATION_DTYPE = torch.float8_e4m3fn
@@ -54,6 +55,12 @@ if HAS_TRITON:
             tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
 
 
+else:  # pragma: no cover - without Triton nothing launches it
+    _quantize_rows_kernel = None
+
+_launch = launcher(_quantize_rows_kernel)
+
+
 def quantize_rows(
     x2d: torch.Tensor, storage_dtype: torch.dtype = torch.float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +82,8 @@ def quantize_rows(
     scale = torch.empty((T, 1), dtype=torch.float32, device=x2d.device)
     if T:
         block = min(4096, triton.next_power_of_2(max(K, 16)))
-        _quantize_rows_kernel[(T,)](
-            x2d, q, scale, K, x2d.stride(0), FP8_MAX=float(torch.finfo(storage_dtype).max), BLOCK=block,
-            num_warps=8 if block >= 2048 else 4,
-        )  # fmt: skip
+        consts = dict(FP8_MAX=float(torch.finfo(storage_dtype).max), BLOCK=block)
+        # every FP8-compute Linear call comes through here: skip Triton's per-call argument binding
+        _launch((T,), x2d.device, (x2d, q, scale, K, x2d.stride(0)), consts, _launch.const_values(consts),
+                8 if block >= 2048 else 4, 3)
     return q, scale

@@ -36,6 +36,10 @@ _state = {"enabled": os.environ.get("FP8CTX_TUNE", "1").lower() not in ("0", "of
 _cache_dir: list[Path | None] = [Path(_CACHE_DIR_ENV) if _CACHE_DIR_ENV else None]
 _routes: dict[RouteKey, str] = {}
 _loaded_files: set[Path] = set()
+# the hot path's memo, filled by _triton.w8a16_linear: (x shape, x dtype, weight shape, FP8 dtype, granularity,
+# block, no bias, device) -> ((config, launch plan) or None for the dequantize route, expected scale shape); a call
+# seen before skips routing, planning and scale checks. Cleared whenever the route choices may change.
+resolved: dict[tuple[object, ...], tuple[object, tuple[int, ...]]] = {}
 
 
 def set_tuning(enabled: bool = True, cache_dir: str | os.PathLike[str] | None = None) -> None:
@@ -51,6 +55,7 @@ def set_tuning(enabled: bool = True, cache_dir: str | os.PathLike[str] | None = 
         raise FP8Error(f"set_tuning(enabled=...) takes True or False, got {enabled!r}")
     _state["enabled"] = enabled
     _cache_dir[0] = Path(cache_dir) if cache_dir is not None else None
+    resolved.clear()
 
 
 def routes() -> dict[RouteKey, str]:

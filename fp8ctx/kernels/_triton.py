@@ -23,7 +23,7 @@ from ._capability import ACT_DTYPES, FP8_DTYPES, HAS_TRITON, device_name, is_sup
 from ._dequant import check_scale, dequantize, embedding
 from ._plan import KernelConfig
 from ._quantize import quantize_rows
-from ._w8a16 import fused_linear
+from ._w8a16 import fused_linear, plan_for
 
 __all__ = ["HAS_TRITON", "dequantize", "embedding", "is_supported", "quantize_rows", "w8a16_linear"]
 
@@ -56,6 +56,44 @@ def w8a16_linear(
     Raises:
         FP8Error: shapes or dtypes the kernels do not take, or an unknown route.
     """
+    key = (x.shape, x.dtype, data.shape, data.dtype, layout.granularity, layout.block_size, bias is None, x.device)
+    resolved = _route.resolved.get(key) if config is None and route is None else None
+    if (
+        resolved is not None
+        and scale.shape == resolved[1]
+        and data.is_contiguous()
+        and scale.dtype is torch.float32
+        and scale.is_contiguous()
+        and (bias is None or bias.is_contiguous())
+        and (x.dim() == 2 or x.is_contiguous())
+    ):
+        fused = resolved[0]
+        if fused is None:
+            return _dequantize_route(x, data, scale, layout, bias)
+        return fused_linear(x, data, scale, layout, bias, fused[0], fused[1])
+    return _w8a16_linear(key, x, data, scale, layout, bias, config, route)
+
+
+def _dequantize_route(
+    x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, bias: torch.Tensor | None
+) -> torch.Tensor:
+    # compute-bound: one pass writing the dense weight (the allocator hands back the block freed by the previous
+    # call of this size), then cuBLAS with the bias in its epilogue
+    dense = dequantize(data, scale, layout, x.dtype)
+    return F.linear(x, dense, bias.to(x.dtype) if bias is not None else None)
+
+
+def _w8a16_linear(
+    key: tuple[object, ...],
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    layout: FP8Layout,
+    bias: torch.Tensor | None,
+    config: KernelConfig | None,
+    route: str | None,
+) -> torch.Tensor:
+    """The first call of a problem (or a forced one): check, choose the route, remember it."""
     require_triton()
     if data.dim() != 2 or data.dtype not in FP8_DTYPES or x.dtype not in ACT_DTYPES:
         raise FP8Error(
@@ -68,36 +106,39 @@ def w8a16_linear(
     if route not in (None, "fused", "dequant"):
         raise FP8Error(f"route must be 'fused', 'dequant' or None, got {route!r}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+    M = x.numel() // K if K else lead.numel()
     if M == 0 or N == 0 or K == 0:
-        y = torch.zeros((M, N), dtype=x.dtype, device=x.device)
+        y = torch.zeros((*lead, N), dtype=x.dtype, device=x.device)
         if bias is not None and M:
             y += bias.to(y.dtype)
-        return y.reshape(*lead, N)
+        return y
     if not data.is_contiguous():
         data = data.contiguous()
     scale = check_scale(scale, layout, N, K, x.device)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
+    flat = x if x.dim() == 2 or x.is_contiguous() else x.reshape(-1, K)
 
     def run(name: str) -> torch.Tensor:
         fused = config if name == "fused" and config is not None else _route.config_of(name)
         if fused is None:
-            # compute-bound: one pass writing the dense weight (the allocator hands back the block freed by
-            # the previous call of this size), then cuBLAS with the bias in its epilogue
-            dense = dequantize(data, scale, layout, x.dtype)
-            return F.linear(x2, dense, bias.to(x.dtype) if bias is not None else None)
-        return fused_linear(x2, data, scale, layout, bias, fused)
+            return _dequantize_route(flat, data, scale, layout, bias)
+        return fused_linear(flat, data, scale, layout, bias, fused)
 
     if config is not None or route == "fused":
         chosen = "fused" if config is not None else _route.fused_route(M, N, K)
     elif route == "dequant":
         chosen = "dequant"
     else:
-        key = (
+        route_key = (
             _route.token_bucket(M), N, K, str(x.dtype), device_name(x.device),
             layout.granularity.value, layout.block_size, str(data.dtype), bias is not None,
         )  # fmt: skip
-        chosen = _route.choose(key, M, N, K, x.device, run)
+        chosen = _route.choose(route_key, M, N, K, x.device, run)
+        if not torch.cuda.is_current_stream_capturing() or route_key in _route.routes():
+            fused = _route.config_of(chosen)
+            plan = plan_for(M, N, K, layout, fused, x.device, bias is not None, data.dtype) if fused else None
+            if len(_route.resolved) > 4096:
+                _route.resolved.clear()
+            _route.resolved[key] = ((fused, plan) if fused else None, layout.scale_shape((N, K)))
     return run(chosen).reshape(*lead, N)

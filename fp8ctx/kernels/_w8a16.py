@@ -23,9 +23,9 @@ from .._layout import FP8Layout, Granularity
 from ._capability import HAS_TRITON, tl, triton
 from ._decode import fp8_decode
 from ._launch import launcher, workspace
-from ._plan import KernelConfig, plan_linear
+from ._plan import KernelConfig, LaunchPlan, plan_linear
 
-__all__ = ["fused_linear"]
+__all__ = ["fused_linear", "plan_for"]
 
 if HAS_TRITON:
 
@@ -176,42 +176,66 @@ else:  # pragma: no cover - without Triton nothing launches these
 _launch = launcher(_w8a16_kernel)
 
 
+def _int_spec(value: int) -> tuple[bool, bool]:
+    return value == 1, value % 16 == 0
+
+
 def fused_linear(
-    x2d: torch.Tensor,
+    x: torch.Tensor,
     data: torch.Tensor,
     scale: torch.Tensor,
     layout: FP8Layout,
     bias: torch.Tensor | None,
     config: KernelConfig,
+    plan: LaunchPlan | None = None,
 ) -> torch.Tensor:
     """One launch of the fused kernel on checked inputs.
 
     Args:
-        x2d: ``(M, K)`` bf16/fp16 CUDA activations (any strides), M, N, K > 0.
+        x: ``(..., K)`` bf16/fp16 CUDA activations, 2-D with any strides or contiguous (M, N, K > 0).
         data: ``(N, K)`` contiguous FP8 codes.
         scale: float32 contiguous scales of ``layout`` on the same device.
         layout: the weight's scheme (channel axis 0).
         bias: ``(N,)`` contiguous tensor of any float dtype, or None; added in fp32 before the one rounding.
         config: the tile configuration.
+        plan: the plan :func:`plan_for` gave for this problem (looked up when None).
 
     Returns:
-        ``(M, N)`` in ``x2d.dtype``.
+        ``(..., N)`` in ``x.dtype``.
     """
-    M, K = x2d.shape
+    K = x.shape[-1]
     N = data.shape[0]
-    device = x2d.device
-    plan = plan_linear(
-        M, N, K, layout, config, device, bias is not None, data.dtype == torch.float8_e5m2, _launch.const_values
-    )
-    y = torch.empty((M, N), dtype=x2d.dtype, device=device)
+    if x.dim() == 2:
+        M, stride_m, stride_k = x.shape[0], x.stride(0), x.stride(1)
+    else:  # contiguous (the caller made sure): rows are K apart, no reshaped view needed
+        M, stride_m, stride_k = x.numel() // K, K, 1
+    device = x.device
+    if plan is None:
+        plan = plan_for(M, N, K, layout, config, device, bias is not None, data.dtype)
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=device)
     if plan.split_k > 1:
         ws, cnt = workspace(device, plan.split_k * plan.tiles * config.BM * config.BN, plan.tiles)
     else:
         ws = cnt = y  # unused: SPLIT is a constexpr False
     block_stride = scale.stride(0) if layout.granularity is Granularity.BLOCK else 0
+    b = y if bias is None else bias
     args = (
-        x2d, data.view(torch.uint8), scale, y if bias is None else bias, y, ws, cnt,
-        M, N, K, x2d.stride(0), x2d.stride(1), N, block_stride, plan.k_per_split, plan.split_k,
+        x, data.view(torch.uint8), scale, b, y, ws, cnt,
+        M, N, K, stride_m, stride_k, N, block_stride, plan.k_per_split, plan.split_k,
     )  # fmt: skip
-    _launch((plan.tiles, plan.split_k, 1), device, args, plan.consts, plan.const_values, config.warps, config.stages)
+    # what Triton specialises on beyond the plan: dtypes, 16-byte alignment of inputs (outputs and workspaces are
+    # fresh allocations), and the activation strides
+    key = (
+        plan, x.dtype, b.dtype, x.data_ptr() & 15, data.data_ptr() & 15, scale.data_ptr() & 15, b.data_ptr() & 15,
+        _int_spec(stride_m), _int_spec(stride_k),
+    )  # fmt: skip
+    _launch((plan.tiles, plan.split_k, 1), device, args, plan.consts, plan.const_values, config.warps, config.stages, key)
     return y
+
+
+def plan_for(
+    M: int, N: int, K: int, layout: FP8Layout, config: KernelConfig, device: torch.device, has_bias: bool,
+    fp8_dtype: torch.dtype,
+) -> LaunchPlan:
+    """The cached launch plan of the fused kernel for this problem."""
+    return plan_linear(M, N, K, layout, config, device, has_bias, fp8_dtype == torch.float8_e5m2, _launch.const_values)
