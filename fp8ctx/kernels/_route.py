@@ -4,7 +4,8 @@ Two routes compute the same function: the fused kernel (FP8 tiles decoded in reg
 memory-bound) and dequantize + cuBLAS (one pass writing the dense weight, then the vendor GEMM; best once the
 call is compute-bound, as Triton's mixed-input tensor-core rate is below cuBLAS's). Where the crossover lies
 depends on the GPU, the shape and the dtype, so the first eager call of each (token bucket, N, K, dtype,
-device, scheme, bias) times both on the real inputs and keeps the faster. Tuning is skipped — and the measured
+device, scheme, bias) times both on the real inputs, GPU time with the weights evicted from L2, and keeps the
+faster. Tuning is skipped — and the measured
 default of :func:`._plan.pick_config` used — while a CUDA graph is being captured, when tuning is off
 (``FP8CTX_TUNE=0`` or :func:`set_tuning`), and off the GPU. With ``FP8CTX_TUNE_CACHE=<dir>`` (or
 ``set_tuning(cache_dir=...)``) the choices persist in one JSON file per device under that directory.
@@ -94,16 +95,25 @@ def config_of(route: str) -> KernelConfig | None:
     return FUSED_CONFIGS.get(route.partition(":")[2], CFG_T16)
 
 
-def _time_ms(run: Callable[[], object], repeats: int = 5) -> float:
+def _time_ms(run: Callable[[], object], flush: torch.Tensor, repeats: int = 5) -> float:
+    """Median GPU milliseconds of ``run``, each time behind a write of ``flush`` (twice the L2 size): the weights
+    come from HBM as they do inside a forward, not from the L2 the warm-up left them in (which would flatter
+    whichever route reads fewer bytes), and the GPU is busy while the host launches, so host time stays out."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
     for _ in range(repeats):
+        flush.zero_()
         start.record()
         run()
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end))
     return statistics.median(samples)
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+    return torch.empty(2 * l2_bytes, dtype=torch.uint8, device=device)
 
 
 def _file(device: torch.device) -> Path | None:
@@ -174,7 +184,9 @@ def choose(
     candidates = [fused_route(tokens, n, k), "dequant"]
     for route in candidates:  # first calls compile and warm up; not timed
         run(route)
-    timings = {route: _time_ms(lambda route=route: run(route)) for route in candidates}
+    flush = _flush_buffer(device)
+    timings = {route: _time_ms(lambda route=route: run(route), flush) for route in candidates}
+    del flush
     best = min(candidates, key=timings.__getitem__)
     _routes[key] = best
     if path is not None:
