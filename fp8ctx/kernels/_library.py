@@ -35,46 +35,6 @@ def layout_args(layout: FP8Layout) -> tuple[int, int, int]:
     return layout.granularity.kernel_code, layout.block_size, layout.channel_axis
 
 
-@torch.library.custom_op("fp8ctx::linear", mutates_args=())
-def _linear(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    granularity: int,
-    block_size: int,
-    dtype: torch.dtype,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return _impl.linear(x, data, scale, _layout(granularity, block_size, 0, data.dtype), dtype, bias)
-
-
-@torch.library.custom_op("fp8ctx::fp8_linear", mutates_args=())
-def _fp8_linear(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    granularity: int,
-    block_size: int,
-    dtype: torch.dtype,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return _impl.fp8_linear(x, data, scale, _layout(granularity, block_size, 0, data.dtype), dtype, bias)
-
-
-@_linear.register_fake
-@_fp8_linear.register_fake
-def _linear_fake(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    granularity: int,
-    block_size: int,
-    dtype: torch.dtype,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], data.shape[0]))
-
-
 def _setup_linear(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, data, scale, granularity, block_size, dtype, bias = inputs
     ctx.save_for_backward(data, scale)
@@ -92,8 +52,31 @@ def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     return grad_x, None, None, None, None, None, grad_bias
 
 
-_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
-_fp8_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
+def _linear_op(name: str) -> Any:
+    """``fp8ctx::<name>`` for the linear implementation ``_impl.<name>`` (looked up at call time)."""
+
+    @torch.library.custom_op(f"fp8ctx::{name}", mutates_args=())
+    def op(
+        x: torch.Tensor,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        granularity: int,
+        block_size: int,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return getattr(_impl, name)(x, data, scale, _layout(granularity, block_size, 0, data.dtype), dtype, bias)
+
+    @op.register_fake
+    def _(x: torch.Tensor, data: torch.Tensor, *layout_dtype_bias: Any) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], data.shape[0]))
+
+    op.register_autograd(_linear_backward, setup_context=_setup_linear)
+    return op
+
+
+_linear = _linear_op("linear")
+_fp8_linear = _linear_op("fp8_linear")
 
 
 @torch.library.custom_op("fp8ctx::dequantize", mutates_args=())
