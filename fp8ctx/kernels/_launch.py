@@ -7,7 +7,7 @@ launcher directly from the second call on (bench/KERNEL_NOTES.md has the measure
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -124,6 +124,6 @@ def workspace(device: torch.device, elements: int, counters: int) -> tuple[torch
     return ws, cnt
 
 
-def launcher(fn: Any) -> Callable[..., None] | None:
+def launcher(fn: Any) -> FastLaunch | None:
     """A :class:`FastLaunch` for ``fn``, or None without Triton."""
     return FastLaunch(fn) if fn is not None else None

@@ -4,10 +4,9 @@ Two routes compute the same function: the fused kernel (FP8 tiles decoded in reg
 memory-bound) and dequantize + cuBLAS (one pass writing the dense weight, then the vendor GEMM; best once the
 call is compute-bound, as Triton's mixed-input tensor-core rate is below cuBLAS's). Where the crossover lies
 depends on the GPU, the shape and the dtype, so the first eager call of each (token bucket, N, K, dtype,
-device, scheme, bias) times both on the real inputs, GPU time with the weights evicted from L2, and keeps the
-faster. Tuning is skipped — and the measured
-default of :func:`._plan.pick_config` used — while a CUDA graph is being captured, when tuning is off
-(``FP8CTX_TUNE=0`` or :func:`set_tuning`), and off the GPU. With ``FP8CTX_TUNE_CACHE=<dir>`` (or
+device, scheme, bias) times both on the real inputs (GPU time, the weights evicted from L2) and keeps the faster.
+Tuning is skipped — and the measured default of :func:`._plan.pick_config` used — while a CUDA graph is being
+captured, when tuning is off (``FP8CTX_TUNE=0`` or :func:`set_tuning`), and off the GPU. With ``FP8CTX_TUNE_CACHE=<dir>`` (or
 ``set_tuning(cache_dir=...)``) the choices persist in one JSON file per device under that directory.
 """
 
