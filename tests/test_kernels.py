@@ -333,3 +333,34 @@ def test_tuning_options_and_route_files_are_checked(tmp_path):
         with pytest.raises(FP8Error, match=message):
             _route._load(path)
     assert kernels.tuned_routes() == {} or all(len(key) == 9 for key in kernels.tuned_routes())
+
+
+def test_route_choice_keeps_the_faster_measurement_and_persists_it(tmp_path, monkeypatch):
+    from fp8ctx.kernels import _route
+
+    monkeypatch.setattr(_route, "_routes", {})
+    monkeypatch.setattr(_route, "_loaded_files", set())
+    monkeypatch.setattr(_route, "resolved", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_route, "_flush_buffer", lambda device: None)
+    cost = {"fused:t16": 2.0, "dequant": 1.0}  # stand-ins for the GPU timings
+    ran: list[str] = []
+    monkeypatch.setattr(_route, "_time_ms", lambda run, flush, repeats=5: (run(), cost[ran[-1]])[1])
+    key = (16, 64, 64, "torch.bfloat16", "cpu", "channel", 128, "torch.float8_e4m3fn", False)
+    cpu = torch.device("cpu")
+    _route.set_tuning(True, cache_dir=tmp_path)
+    try:
+        assert _route.choose(key, 8, 64, 64, cpu, ran.append) == "dequant"
+        assert ran == ["fused:t16", "dequant", "fused:t16", "dequant"]  # each warmed up, then timed
+        assert kernels.tuned_routes() == {key: "dequant"}
+        assert _route.choose(key, 8, 64, 64, cpu, ran.append) == "dequant" and len(ran) == 4  # remembered
+        cost["dequant"] = 3.0
+        _route._routes.clear()
+        _route._loaded_files.clear()
+        assert _route.choose(key, 8, 64, 64, cpu, ran.append) == "dequant" and len(ran) == 4  # read from the file
+        _route.set_tuning(False)
+        other = (16, 128, 64, *key[3:])
+        assert _route.choose(other, 8, 128, 64, cpu, ran.append) == _route.default_route(8, 128, 64)
+        assert len(ran) == 4 and other not in kernels.tuned_routes()  # tuning off: nothing measured or kept
+    finally:
+        _route.set_tuning(True)
