@@ -8,7 +8,7 @@ from ._store import FP8Store
 from ._layout import FP8Layout
 from ._tensor import FP8Tensor
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     # entry points

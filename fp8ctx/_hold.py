@@ -11,6 +11,9 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
+import torch
+from torch import nn
+
 from . import _fsdp
 from ._plan import Plan
 from ._swap import Journal, find_slots
@@ -29,7 +32,8 @@ def holding(
 
     Weight by weight: make the entry (quantize, or take it from the plan's store), put it (or a wrapper of
     it computing in ``compute`` mode) in every slot that holds the weight, then, with ``offload``, move the
-    original's values to host memory.
+    original's values to host memory. For a meta-device skeleton, the plan's fills (the store's dense
+    tensors) go into its other parameters and buffers the same way.
 
     Args:
         plans: one :class:`~fp8ctx._plan.Plan` per module.
@@ -67,6 +71,7 @@ def holding(
                 if offload:
                     journal.offload(target.param)
                 entries[target.name] = entry
+            _fill(journal, plan)
             held.append(entries)
         if any(plan.sharded for plan in plans):
             _fsdp.reshard_on_exit(journal, [plan.module for plan in plans if plan.sharded])
@@ -84,3 +89,20 @@ def holding(
             logger.exception("fp8ctx: restoring the model failed while %s was propagating", type(error).__name__)
         raise
     journal.undo()
+
+
+def _fill(journal: Journal, plan: Plan) -> None:
+    """Put the store's dense tensors in a meta skeleton's other parameters and buffers (all their slots)."""
+    params = [fill for fill in plan.fills if fill.kind == "parameter"]
+    buffers = [fill for fill in plan.fills if fill.kind == "buffer"]
+    param_slots = find_slots(plan.module, [fill.tensor for fill in params])
+    buffer_slots = find_slots(plan.module, [fill.tensor for fill in buffers], buffers=True)
+    for fill in params:
+        # a Parameter wrapper over the store's tensor (shared storage, no copy), as the slot requires
+        stand_in = nn.Parameter(fill.value, requires_grad=False)
+        for owner, attribute in param_slots[id(fill.tensor)]:
+            journal.swap(owner, attribute, stand_in)
+    for fill in buffers:
+        value: torch.Tensor = fill.value
+        for owner, attribute in buffer_slots[id(fill.tensor)]:
+            journal.swap_buffer(owner, attribute, value)

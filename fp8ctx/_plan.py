@@ -23,14 +23,18 @@ from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice, offloaded_by_accelerate, under
 
 __all__ = [
+    "Fill",
     "Plan",
     "Target",
     "check_overlap",
     "exclusion",
     "find_targets",
     "layer_weights",
+    "meta_fills",
     "quantize_target",
+    "select_targets",
     "targets_from_store",
+    "unquantized_tensors",
 ]
 
 logger = logging.getLogger("fp8ctx")
@@ -88,7 +92,8 @@ def _excluded_parameters(module: nn.Module, rules: tuple[ExcludeRule, ...]) -> d
 
 
 def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
-    """The weights of ``module`` that ``config`` holds as FP8, checked; nothing is changed.
+    """The weights of ``module`` that ``config`` holds as FP8, checked for values to quantize; nothing is
+    changed.
 
     The ``weight`` of every layer of one of ``config.layers``' types, unless the layer (or a parent) is
     excluded. A weight tied into several layers is one target under its first name, and stays dense if
@@ -107,6 +112,23 @@ def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
         >>> [t.name for t in find_targets(model, FP8Config(exclude=["2"]))]
         ['0.weight']
     """
+    targets = select_targets(module, config)
+    for target in targets:
+        if target.param.is_meta:
+            raise FP8Error(
+                f"weight {target.name!r} of layer {target.layer or type(module).__name__!r} is on the meta device (no "
+                f"values to quantize). {meta_weight_advice(module)}"
+            )
+    return targets
+
+
+def select_targets(module: nn.Module, config: FP8Config) -> list[Target]:
+    """The weights of ``module`` that ``config`` chooses, by names and types alone (meta weights included).
+
+    Raises:
+        FP8Error: a weight that is already held as FP8.
+        TypeError: ``module`` is not an ``nn.Module``.
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fp8ctx works on torch.nn.Module objects, got {type(module).__name__}")
     canonical = {id(p): name for name, p in module.named_parameters()}
@@ -123,11 +145,6 @@ def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
                 raise FP8Error(
                     f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already. "
                     "Enter one fp8_weights() per module, on the outermost module you need."
-                )
-            if weight.is_meta:
-                raise FP8Error(
-                    f"weight {name!r} of layer {layer_name or type(layer).__name__!r} is on the meta device (no "
-                    f"values to quantize). {meta_weight_advice(module)}"
                 )
             if weight.dtype not in COMPUTE_DTYPES:
                 logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
@@ -164,7 +181,7 @@ def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> lis
                 f"store entry {name!r} is {tuple(entry.shape)} {entry.dtype}, the parameter is "
                 f"{tuple(param.shape)} {param.dtype}; rebuild the store with FP8Store.from_module(module)"
             )
-        if param.device != entry.device:
+        if param.device != entry.device and not param.is_meta:  # a meta skeleton runs on the store's device
             raise FP8Error(
                 f"store entry {name!r} is on {entry.device}, the parameter on {param.device}; "
                 f"move the store with store.to({str(param.device)!r})"
@@ -214,6 +231,66 @@ def quantize_target(target: Target, config: FP8Config) -> FP8Tensor:
     return FP8Tensor.from_dense(target.param, config.layout(target.channel_axis), name=target.name)
 
 
+def unquantized_tensors(module: nn.Module, targets: Sequence[Target]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of ``module`` that is not a target, then every buffer (persistent or not), each once
+    under its first name: what a complete store carries beside its FP8 entries."""
+    held = {id(target.param) for target in targets}
+    for name, param in module.named_parameters():
+        if id(param) not in held:
+            yield name, param
+    yield from module.named_buffers()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """A tensor of a meta-device skeleton and the store's dense tensor that takes its place while held."""
+
+    name: str
+    kind: str  # "parameter" or "buffer"
+    tensor: torch.Tensor  # the skeleton's own (on meta)
+    value: torch.Tensor  # the store's
+
+
+def meta_fills(module: nn.Module, store: Mapping[str, FP8Tensor], targets: Sequence[Target]) -> list[Fill]:
+    """What fills ``module``'s meta-device tensors from a complete ``store`` (nothing for a loaded module).
+
+    Raises:
+        FP8Error: one error naming every meta tensor the store does not hold (and how to get a complete
+            store), or one whose dense value has another shape or dtype.
+    """
+    dense: Mapping[str, torch.Tensor] = getattr(store, "unquantized", {})
+    held = {id(target.param) for target in targets}
+    offloaded = offloaded_by_accelerate(module)  # accelerate's hooks fill those layers' meta tensors
+    candidates = [
+        *((name, "parameter", p) for name, p in module.named_parameters() if id(p) not in held),
+        *((name, "buffer", b) for name, b in module.named_buffers()),
+    ]
+    fills, missing, wrong = [], [], []
+    for name, kind, tensor in candidates:
+        if not tensor.is_meta or (offloaded and under(name.rpartition(".")[0], offloaded) is not None):
+            continue
+        value = dense.get(name)
+        if value is None:
+            missing.append(name)
+        elif value.shape != tensor.shape or value.dtype != tensor.dtype:
+            wrong.append(f"{name} ({tuple(value.shape)} {value.dtype} in the store, {tuple(tensor.shape)} {tensor.dtype} here)")
+        else:
+            fills.append(Fill(name, kind, tensor, value))
+    if missing or wrong:
+        problems = []
+        if missing:
+            problems.append(f"the store does not hold {len(missing)} of them: {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
+        if wrong:
+            problems.append(f"{len(wrong)} do not fit: {wrong[:4]}")
+        raise FP8Error(
+            f"{type(module).__name__} has tensors on the meta device, which the store must fill; "
+            + "; ".join(problems)
+            + ". Use a complete store: FP8Store.from_module(model, complete=True) or FP8Store.from_checkpoint(skeleton, "
+            "path), built for this model in its dtype"
+        )
+    return fills
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What to hold for one module: its targets, and where their entries come from (a given store, or
@@ -225,16 +302,19 @@ class Plan:
     store: Mapping[str, FP8Tensor] | None = None
     # FSDP2's record of each target that is a sharded DTensor, by id(param): held as FP8 shards (see _fsdp)
     sharded: Mapping[int, Any] = dataclasses.field(default_factory=dict)
+    fills: tuple[Fill, ...] = ()
 
     @classmethod
     def make(cls, module: nn.Module, config: FP8Config, store: Mapping[str, FP8Tensor] | None = None) -> Plan:
-        """The plan for ``module``: the store's entries matched to it, or the targets ``config`` selects."""
+        """The plan for ``module``: the store's entries matched to it (and, for a meta-device skeleton, the
+        store's dense tensors for its other tensors), or the targets ``config`` selects."""
         if store is not None:
             _refuse_offloaded_entries(module, store)
         targets = targets_from_store(module, store) if store is not None else find_targets(module, config)
         layouts = [config.layout(target.channel_axis) for target in targets]
         sharded = _fsdp.check_sharded(module, targets, layouts, store is not None)
-        return cls(module, tuple(targets), config, store, sharded)
+        fills = tuple(meta_fills(module, store, targets)) if store is not None else ()
+        return cls(module, tuple(targets), config, store, sharded, fills)
 
     def entries(self, progress_bar: bool | None = None) -> Iterator[tuple[Target, FP8Tensor]]:
         """Each target with its FP8 entry, made one at a time (so that a caller can swap in and offload

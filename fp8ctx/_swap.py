@@ -1,4 +1,5 @@
-"""Module mechanics: the only place that writes ``module._parameters`` or a Parameter's storage.
+"""Module mechanics: the only place that writes ``module._parameters``, ``module._buffers`` or a Parameter's
+storage.
 
 Every change goes through a :class:`Journal`, which records how to undo it *before* making it. ``undo()``
 replays the record in reverse order, so a half-done swap (an error or ``KeyboardInterrupt`` between two
@@ -25,8 +26,9 @@ ABSENT = object()
 """For :meth:`Journal.set_attributes`: the attribute is absent (deleted, or deleted again on undo)."""
 
 
-def find_slots(root: nn.Module, parameters: Iterable[torch.Tensor]) -> dict[int, list[Slot]]:
-    """Every ``(module, attribute)`` under ``root`` that holds one of ``parameters``, keyed by ``id``.
+def find_slots(root: nn.Module, parameters: Iterable[torch.Tensor], buffers: bool = False) -> dict[int, list[Slot]]:
+    """Every ``(module, attribute)`` under ``root`` that holds one of ``parameters`` (or, with ``buffers``,
+    one of those buffers), keyed by ``id``.
 
     A tied weight (``lm_head.weight is embed_tokens.weight``) has several slots; swapping all of them with
     one object keeps it tied.
@@ -34,7 +36,7 @@ def find_slots(root: nn.Module, parameters: Iterable[torch.Tensor]) -> dict[int,
     wanted = {id(p) for p in parameters}
     slots: dict[int, list[Slot]] = {key: [] for key in wanted}
     for module in root.modules():
-        for attribute, value in module._parameters.items():
+        for attribute, value in (module._buffers if buffers else module._parameters).items():
             if value is not None and id(value) in wanted:
                 slots[id(value)].append((module, attribute))
     return slots
@@ -54,7 +56,9 @@ def _follow_conversion(original: torch.Tensor | None, current: torch.Tensor, lay
     same move, so after the block the model is where the user put it, with the original values.
     """
     relaid = current.stride() != layout_at_swap
-    if original is None or (original.device == current.device and original.dtype == current.dtype and not relaid):
+    if original is None or original.is_meta:  # a skeleton's tensor stays on meta: it has no values to move
+        return
+    if original.device == current.device and original.dtype == current.dtype and not relaid:
         return
     with torch.no_grad():
         moved = original.data.to(device=current.device, dtype=current.dtype)
@@ -111,13 +115,25 @@ class Journal:
         self._undo.append(put_back)
         module._parameters[attribute] = tensor
 
+    def swap_buffer(self, module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
+        """Put ``tensor`` in ``module._buffers[attribute]`` (a meta skeleton's buffer, filled from a store);
+        on undo the original buffer object goes back, whatever the block assigned there."""
+        original = module._buffers[attribute]
+
+        def put_back() -> None:
+            module._buffers[attribute] = original
+
+        self._undo.append(put_back)
+        module._buffers[attribute] = tensor
+
     def offload(self, param: nn.Parameter) -> None:
         """Move ``param``'s values to (pinned) host memory and free its device storage, keeping the object.
 
         On undo the exact bits come back to the original device, in a tensor of the original strides.
-        Parameters already on the CPU are left as they are: there is no device memory to free.
+        Parameters already on the CPU (or on meta: a skeleton) are left as they are: there is no device
+        memory to free.
         """
-        if param.device.type == "cpu":
+        if param.device.type in ("cpu", "meta"):
             return
         original = param.data
         pinned = torch.cuda.is_available() and param.device.type == "cuda"

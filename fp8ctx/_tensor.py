@@ -127,7 +127,14 @@ class FP8Tensor(ReadOnlyTensor):
 
     @classmethod
     def from_fp8(
-        cls, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype, *, name: str = ""
+        cls,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        layout: FP8Layout,
+        dtype: torch.dtype,
+        *,
+        name: str = "",
+        value_dtype: torch.dtype | None = None,
     ) -> FP8Tensor:
         """Wrap FP8 codes and scales quantized elsewhere (e.g. read from a file), after checking they fit.
 
@@ -137,6 +144,8 @@ class FP8Tensor(ReadOnlyTensor):
             layout: the scheme they were stored in.
             dtype: the original weight's dtype (one of ``COMPUTE_DTYPES``).
             name: the parameter name, for error messages.
+            value_dtype: the dtype values are rounded to when dequantized (see :class:`FP8Meta`); default
+                ``dtype``.
 
         Returns:
             The FP8Tensor, flagged as an ``nn.Parameter`` without grad.
@@ -145,9 +154,11 @@ class FP8Tensor(ReadOnlyTensor):
             FP8Error: any of the above does not hold (names ``name``, what was expected and what came).
         """
         problem = _mismatch(data, scale, layout, dtype)
+        if not problem and value_dtype is not None and value_dtype not in COMPUTE_DTYPES:
+            problem = f"the value dtype must be one of {_names(COMPUTE_DTYPES)}, got {value_dtype!r}"
         if problem:
             raise FP8Error(f"weight {name!r}: {problem}")
-        return _as_parameter(cls(data, scale, FP8Meta(layout, dtype, name)))
+        return _as_parameter(cls(data, scale, FP8Meta(layout, dtype, name, value_dtype)))
 
     # -- what users read -------------------------------------------------------------------------------
 

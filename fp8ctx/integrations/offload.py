@@ -82,4 +82,7 @@ def meta_weight_advice(module: nn.Module) -> str:
             "those as FP8. Leave the offloaded layers out with exclude=[...] to hold the resident ones, load the "
             "model onto its devices, or use enable_model_cpu_offload(), which fp8ctx supports."
         )
-    return "Load the weights first, e.g. with from_pretrained(...) or load_state_dict(..., assign=True)."
+    return (
+        "Load the weights first, e.g. with from_pretrained(...) or load_state_dict(..., assign=True); or run the "
+        "skeleton from a complete store: fp8_weights(skeleton, store=FP8Store.from_checkpoint(skeleton, path))"
+    )
