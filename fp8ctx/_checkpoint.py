@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import _numerics
 from ._config import FP8Config
 from ._errors import FP8Error
+from ._layout import FP8Layout, Granularity
 from ._plan import Target, select_targets
 from ._progress import progress
 from ._storefile import TensorReader
@@ -158,25 +161,73 @@ def _read(
     entries: dict[str, FP8Tensor] = {}
     unquantized: dict[str, torch.Tensor] = {}
     for name in progress(list(sources), "fp8ctx: quantizing from checkpoint", progress_bar):
-        source = sources[name]
-        value = source.reader.get(source.key)
-        wanted = tensors[name].dtype
-        if value.dtype != wanted:
-            value = value.to(wanted)
+        source, wanted = sources[name], tensors[name].dtype
         target = targets.get(name)
         if target is not None:
-            entries[name] = FP8Tensor.from_dense(value, config.layout(target.channel_axis), name=name)
+            entries[name] = _quantize_streamed(source, wanted, config.layout(target.channel_axis), name)
         else:
-            unquantized[name] = value
-        del value
+            value = source.reader.get(source.key)
+            unquantized[name] = value if value.dtype == wanted else value.to(wanted)
     return entries, unquantized
+
+
+# rows of a weight read and quantized at once: the working memory per weight (float32 temporaries)
+_CHUNK_BYTES = 2**20
+
+
+def _quantize_streamed(source: _Source, dtype: torch.dtype, layout: FP8Layout, name: str) -> FP8Tensor:
+    """Quantize a checkpoint tensor a few rows at a time, into codes allocated once.
+
+    The codes and scales are the very ones :meth:`FP8Tensor.from_dense` gives for the whole tensor: each
+    scale group lies within whole rows (a row, or a row of blocks), and a tensor-wide scale is the
+    largest of the chunks' amaxes. Reading whole tensors instead would leave each one's float32 temporaries
+    to the allocator, which does not give them back in time: peak memory then grows with the model.
+    """
+    shape = source.shape
+    if not shape or layout.channel_axis != 0 or 0 in shape:
+        value = source.reader.get(source.key)
+        return FP8Tensor.from_dense(value if value.dtype == dtype else value.to(dtype), layout, name=name)
+    rows, inner = shape[0], math.prod(shape[1:])
+    step = max(1, _CHUNK_BYTES // max(1, inner * 4))
+    if layout.granularity is Granularity.BLOCK:
+        step = max(layout.block_size, step // layout.block_size * layout.block_size)
+
+    def chunks():
+        for start in range(0, rows, step):
+            chunk = source.reader.get_rows(source.key, start, min(rows, start + step))
+            yield start, (chunk if chunk.dtype == dtype else chunk.to(dtype)).reshape(-1, inner)
+
+    codes = torch.empty((rows, inner), dtype=layout.storage_dtype)
+    if layout.granularity is Granularity.TENSOR:
+        amax = max((float(c.abs().amax()) for _, c in chunks()), default=0.0)
+        scale = _numerics.scale_from_amax(torch.tensor(amax, dtype=torch.float32), layout.fp8_max)
+        scales = [scale]
+    else:
+        scales = []
+    _check_finite(scales, name)
+    for start, chunk in chunks():
+        if layout.granularity is not Granularity.TENSOR:
+            scales.append(_numerics.compute_scale(chunk, layout))
+            _check_finite(scales[-1:], name)
+        codes[start : start + chunk.shape[0]] = _numerics.quantize(chunk, scales[-1], layout)
+    scale = scales[0] if layout.granularity is Granularity.TENSOR else torch.cat(scales)
+    return FP8Tensor.from_fp8(codes.reshape(shape), scale, layout, dtype, name=name)
+
+
+def _check_finite(scales: list[torch.Tensor], name: str) -> None:
+    if scales and not bool(torch.isfinite(scales[-1]).all()):
+        raise FP8Error(
+            f"weight {name!r} contains NaN or Inf in the checkpoint; FP8 cannot represent it. Leave its layer out "
+            "with exclude="
+        )
 
 
 def _without_checkpoint(skeleton: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Values for the skeleton's tensors the checkpoint lacks: its own where it has them, else derived."""
     values = {name: tensors[name].detach().clone() for name in names if not tensors[name].is_meta}
     derived = [name for name in names if tensors[name].is_meta]
-    values.update(transformers_keys.derive_buffers(skeleton, derived))
+    for name, value in transformers_keys.derive_buffers(skeleton, derived).items():
+        values[name] = value.to(tensors[name].dtype)  # the dtype the skeleton declares, as read tensors are cast
     return values
 
 

@@ -231,9 +231,11 @@ class FP8Store(Mapping[str, FP8Tensor]):
     __hash__ = object.__hash__
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # pickled as plain tensors and layout fields, so that loads() rebuilds checked entries
+        # pickled as plain tensors and layout fields, so that loads() rebuilds checked entries; codes travel
+        # as their bytes (torch's pickling of float8 storages dumps but does not load back)
         entries = {
-            name: (e.qdata, e.scale, e.fp8_layout.to_dict(), e.dtype, e.value_dtype) for name, e in self._entries.items()
+            name: (e.qdata.view(torch.uint8), e.scale, e.fp8_layout.to_dict(), e.dtype, e.value_dtype)
+            for name, e in self._entries.items()
         }
         return (_rebuild, (entries, self._unquantized, self._complete))
 
@@ -351,10 +353,11 @@ class FP8Store(Mapping[str, FP8Tensor]):
 def _rebuild(
     entries: dict[str, tuple[Any, ...]], unquantized: dict[str, torch.Tensor], complete: bool
 ) -> FP8Store:
-    built = {
-        name: FP8Tensor.from_fp8(data, scale, FP8Layout.from_dict(layout), dtype, name=name, value_dtype=value_dtype)
-        for name, (data, scale, layout, dtype, value_dtype) in entries.items()
-    }
+    built = {}
+    for name, (data, scale, fields, dtype, value_dtype) in entries.items():
+        layout = FP8Layout.from_dict(fields)
+        codes = data.view(layout.storage_dtype)
+        built[name] = FP8Tensor.from_fp8(codes, scale, layout, dtype, name=name, value_dtype=value_dtype)
     return FP8Store(built, unquantized, complete=complete)
 
 

@@ -52,7 +52,7 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 UNQUANTIZED_DTYPES = tuple(dtype for dtype in _DTYPES.values() if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2))
 # a handle is reopened after this many bytes: safetensors maps the file, and the pages read stay resident
 # until the map is closed, so reading through one handle would make the whole file resident
-_WINDOW = 64 * 2**20
+_WINDOW = 16 * 2**20
 
 
 def check_device(device: object) -> torch.device:
@@ -164,7 +164,8 @@ class TensorReader:
 
         if self._handle is None:
             try:
-                self._handle = safe_open(self.path, framework="pt", device=self._device)
+                # entered as a context: its exit is what unmaps the file (dropping the object does not)
+                self._handle = safe_open(self.path, framework="pt", device=self._device).__enter__()
             except (FileNotFoundError, IsADirectoryError, PermissionError):
                 raise
             except Exception as error:  # safetensors' own error type for a file of another format
@@ -192,8 +193,24 @@ class TensorReader:
         self._since_open += tensor.numel() * tensor.element_size()
         return tensor
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along dim 0) of the tensor ``key``; only those are read."""
+        if self._since_open > _WINDOW:
+            self.close()
+        handle = self._open()
+        try:
+            tensor = handle.get_slice(key)[start:stop]
+        except (torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            raise FP8Error(f"{self.path!r}: rows {start}:{stop} of tensor {key!r} cannot be read ({error})") from None
+        self._since_open += tensor.numel() * tensor.element_size()
+        return tensor
+
     def close(self) -> None:
-        self._handle = None
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.__exit__(None, None, None)
 
     def __enter__(self) -> TensorReader:
         return self

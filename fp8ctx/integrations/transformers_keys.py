@@ -96,7 +96,7 @@ def derive_buffers(skeleton: nn.Module, names: list[str]) -> dict[str, torch.Ten
     config, computed on the CPU as it initializes them (``_init_weights`` on a CPU copy of each owning
     module; the skeleton is not touched). Names it cannot compute are left out.
 
-    Only modules that own such buffers are copied (rotary embeddings: no weights), so this costs no memory.
+    The copies keep their parameters on the meta device, so this costs no memory for weights.
     """
     model = _pretrained(skeleton)
     values: dict[str, torch.Tensor] = {}
@@ -108,9 +108,12 @@ def derive_buffers(skeleton: nn.Module, names: list[str]) -> dict[str, torch.Ten
         if found is not None and found[1] in found[0]._non_persistent_buffers_set:
             by_owner.setdefault(id(found[0]), (found[0], []))[1].append((name, found[1]))
     for owner, wanted in by_owner.values():
-        if any(True for _ in owner.parameters()):  # not a buffer-only module: copying it would cost memory
-            continue
-        twin = copy.deepcopy(owner).to_empty(device="cpu")
+        # a copy whose own buffers are on the CPU and whose parameters stay on meta: initializing it writes
+        # the buffers and costs nothing for the weights
+        twin = copy.deepcopy(owner)
+        for attribute, buffer in list(twin._buffers.items()):
+            if buffer is not None:
+                twin._buffers[attribute] = torch.empty_like(buffer, device="cpu")
         sentinels = {attribute: _sentinel(twin._buffers[attribute]) for _, attribute in wanted}
         try:
             with torch.no_grad():
