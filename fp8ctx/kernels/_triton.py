@@ -64,6 +64,7 @@ def w8a16_linear(
         and data.is_contiguous()
         and scale.dtype is torch.float32
         and scale.is_contiguous()
+        and scale.device == x.device
         and (bias is None or bias.is_contiguous())
         and (x.dim() == 2 or x.is_contiguous())
     ):
