@@ -24,8 +24,12 @@ DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
+    nn.MultiheadAttention,
 )
-"""Layer types targeted by default (subclasses included). Add ``nn.Embedding`` to quantize tables."""
+"""Layer types targeted by default (subclasses included). Add ``nn.Embedding`` to quantize tables.
+
+``nn.Linear`` also covers transformers' ``Conv1D`` (GPT-2's Linear, stored (in, out)); for
+``nn.MultiheadAttention`` the input projections are held (its ``out_proj`` is a Linear)."""
 
 COMPUTE_MODES = ("weight_only", "fp8")
 
@@ -54,6 +58,9 @@ class FP8Config:
         compute: ``"weight_only"`` (default: activations stay in the compute dtype) or ``"fp8"`` (Linear
             layers also round activations to e4m3 per token and multiply in FP8; needs e4m3 storage and
             tensor or channel scales).
+        experts: hold mixture-of-experts tensors (default True): the 3-D parameters (experts x out x in) of a
+            module with an expert count (``num_experts``), as transformers' MoE models store them; one set of
+            scales per expert, and a forward dequantizes only the experts its tokens are routed to.
 
     Raises:
         FP8Error: a field outside the values above (names the field and the value).
@@ -72,6 +79,7 @@ class FP8Config:
     layers: tuple[type[nn.Module], ...] = DEFAULT_LAYERS
     exclude: tuple[ExcludeRule, ...] = ()
     compute: str = "weight_only"
+    experts: bool = True
 
     def __post_init__(self) -> None:
         # frozen: normalise spelled-out values once, at construction
@@ -82,10 +90,13 @@ class FP8Config:
         object.__setattr__(self, "layers", _check_layers(self.layers))
         object.__setattr__(self, "exclude", _check_exclude(self.exclude))
         check_compute(self.compute, self.layout())
+        if not isinstance(self.experts, bool):
+            raise FP8Error(f"experts must be True or False, got {self.experts!r}")
 
-    def layout(self, channel_axis: int = 0) -> FP8Layout:
-        """The layout one weight whose output channels lie on ``channel_axis`` is stored in."""
-        return FP8Layout(self.granularity, self.block_size, channel_axis, self.storage_dtype)
+    def layout(self, channel_axis: int = 0, batch_dims: int = 0) -> FP8Layout:
+        """The layout one weight whose output channels lie on ``channel_axis`` is stored in (``batch_dims``
+        leading dims indexing separate matrices, such as experts)."""
+        return FP8Layout(self.granularity, self.block_size, channel_axis, self.storage_dtype, batch_dims)
 
     def replace(self, **changes: Any) -> FP8Config:
         """A copy with the fields in ``changes`` replaced (validated like a new config)."""
@@ -100,6 +111,7 @@ class FP8Config:
             "layers": [f"{layer.__module__}:{layer.__qualname__}" for layer in self.layers],
             "exclude": [rule if isinstance(rule, str) else {"predicate": _name(rule)} for rule in self.exclude],
             "compute": self.compute,
+            "experts": self.experts,
         }
 
     @classmethod

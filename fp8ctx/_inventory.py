@@ -15,7 +15,7 @@ from torch import nn
 
 from ._config import ExcludeRule, FP8Config
 from ._layout import COMPUTE_DTYPES
-from ._plan import Target, exclusion, find_targets, layer_weights
+from ._plan import Target, exclusion, expert_weights, find_targets, layer_weights
 
 __all__ = ["DenseEntry", "DenseInventory", "dense_inventory"]
 
@@ -114,6 +114,8 @@ def _structural_reason(layer: nn.Module, attribute: str, param: torch.Tensor) ->
         return "norm"
     if "bias" in attribute:
         return "bias"
+    if any(name == attribute for name, _, _ in expert_weights(layer)):
+        return "mixture-of-experts tensor (opt-in: experts=True)"
     if param.dim() <= 1:
         return f"{param.dim()}-D"
     if attribute == "weight":
@@ -157,7 +159,7 @@ def dense_inventory(module: nn.Module, targets: Sequence[Target], config: FP8Con
     selected = {
         id(layer._parameters[attribute])
         for _, layer in module.named_modules()
-        for attribute, _ in layer_weights(layer, config)
+        for attribute, _, _ in layer_weights(layer, config)
     }
     entries = []
     for key, (name, layer, attribute, param) in first.items():

@@ -15,6 +15,8 @@ every function here works on tiles.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -47,30 +49,33 @@ def scale_from_amax(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
-# -- the channel-first 2-D view and its tiles ----------------------------------------------------------
+# -- the channel-first view and its tiles ----------------------------------------------------------------
 
 
 def _one_row(layout: FP8Layout, ndim: int) -> bool:
-    # "tensor" is one tile, where the order of elements is irrelevant (no copy to move an axis); a weight
-    # without the channel axis (0-d, or 1-D with axis 1) is one channel
+    # "tensor" is one tile per matrix, where the order of elements is irrelevant (no copy to move an axis); a
+    # weight without the channel axis (0-d, or 1-D with axis 1) is one channel
     return layout.granularity is Granularity.TENSOR or ndim <= layout.channel_axis
 
 
-def _view_2d(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
-    """The channel-first 2-D view ``(C, K)`` of a weight (a copy only when its channel axis is not 0)."""
+def _view_3d(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
+    """The channel-first view ``(B, C, K)`` of a weight: its ``B`` matrices (1 without batch dims), each
+    ``(C, K)`` (a copy only when the channel axis is not the first past the batch dims)."""
+    batch = math.prod(layout.batch_shape(weight.shape))
     if _one_row(layout, weight.dim()):
-        return weight.reshape(1, weight.numel())
-    # sizes spelled out (no -1): a weight with zero channels or zero inputs still has its (C, K) view
-    return weight.movedim(layout.channel_axis, 0).reshape(layout.matrix_shape(weight.shape))
+        return weight.reshape(batch, 1, weight.numel() // max(batch, 1))
+    # sizes spelled out (no -1): a weight with zero channels or zero inputs still has its view
+    moved = weight.movedim(layout.channel_axis, layout.batch_dims)
+    return moved.reshape(batch, *layout.matrix_shape(weight.shape))
 
 
-def _from_view_2d(matrix: torch.Tensor, shape: torch.Size, layout: FP8Layout) -> torch.Tensor:
-    """Inverse of :func:`_view_2d`."""
-    axis = layout.channel_axis
-    if _one_row(layout, len(shape)) or axis == 0:
-        return matrix.reshape(shape)
-    channel_first = (shape[axis],) + tuple(size for i, size in enumerate(shape) if i != axis)
-    return matrix.reshape(channel_first).movedim(0, axis)
+def _from_view_3d(matrices: torch.Tensor, shape: torch.Size, layout: FP8Layout) -> torch.Tensor:
+    """Inverse of :func:`_view_3d`."""
+    axis, first = layout.channel_axis, layout.batch_dims
+    if _one_row(layout, len(shape)) or axis == first:
+        return matrices.reshape(shape)
+    channel_first = (*shape[:first], shape[axis], *(size for i, size in enumerate(shape) if i >= first and i != axis))
+    return matrices.reshape(channel_first).movedim(first, axis)
 
 
 def _tile_edges(layout: FP8Layout, rows: int, cols: int) -> tuple[int, int]:
@@ -86,36 +91,37 @@ def _tile_edges(layout: FP8Layout, rows: int, cols: int) -> tuple[int, int]:
     return min(layout.block_size, rows), min(layout.block_size, cols)
 
 
-def _tiles(matrix: torch.Tensor, edges: tuple[int, int]) -> torch.Tensor:
-    """``(rows, cols)`` as ``(tile_rows, tile_cols, edge_rows, edge_cols)``, zero-padded to whole tiles.
+def _tiles(matrices: torch.Tensor, edges: tuple[int, int]) -> torch.Tensor:
+    """``(B, rows, cols)`` as ``(B, tile_rows, tile_cols, edge_rows, edge_cols)``, zero-padded to whole tiles.
 
     The padding is less than one tile edge per dim and no larger than the matrix (edges never exceed it);
     zeros never raise a tile's amax, so padding changes no scale.
     """
-    rows, cols = matrix.shape
+    rows, cols = matrices.shape[1:]
     pad_rows, pad_cols = -rows % edges[0], -cols % edges[1]
     if pad_rows or pad_cols:
-        matrix = F.pad(matrix, (0, pad_cols, 0, pad_rows))
-    return rearrange(matrix, "(r br) (c bc) -> r c br bc", br=edges[0], bc=edges[1])
+        matrices = F.pad(matrices, (0, pad_cols, 0, pad_rows))
+    return rearrange(matrices, "n (r br) (c bc) -> n r c br bc", br=edges[0], bc=edges[1])
 
 
-def _scaled(matrix: torch.Tensor, scale: torch.Tensor, edges: tuple[int, int], divide: bool) -> torch.Tensor:
-    """``matrix`` divided (quantize) or multiplied (dequantize) by one scale per tile of ``edges``.
+def _scaled(matrices: torch.Tensor, scale: torch.Tensor, edges: tuple[int, int], divide: bool) -> torch.Tensor:
+    """``(B, rows, cols)`` divided (quantize) or multiplied (dequantize) by one scale per tile of ``edges``.
 
-    ``scale`` holds one value per tile, in tile order (any shape with that many elements).
+    ``scale`` holds one value per tile, matrix by matrix in tile order (any shape with that many elements).
     """
-    tiles = _tiles(matrix, edges)
-    per_tile = scale.reshape(*tiles.shape[:2], 1, 1)
+    tiles = _tiles(matrices, edges)
+    per_tile = scale.reshape(*tiles.shape[:3], 1, 1)
     scaled = tiles / per_tile if divide else tiles * per_tile
-    return rearrange(scaled, "r c br bc -> (r br) (c bc)")[: matrix.shape[0], : matrix.shape[1]]
+    return rearrange(scaled, "n r c br bc -> n (r br) (c bc)")[:, : matrices.shape[1], : matrices.shape[2]]
 
 
 def _rescaled(values: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, divide: bool) -> torch.Tensor:
     """Float32 ``values`` of a weight's shape, divided or multiplied by the scale of each one's group."""
     if values.numel() == 0:  # no groups to scale
         return values
-    matrix = _view_2d(values, layout)
-    return _from_view_2d(_scaled(matrix, scale, _tile_edges(layout, *matrix.shape), divide), values.shape, layout)
+    matrices = _view_3d(values, layout)
+    scaled = _scaled(matrices, scale, _tile_edges(layout, *matrices.shape[1:]), divide)
+    return _from_view_3d(scaled, values.shape, layout)
 
 
 # -- the public functions --------------------------------------------------------------------------------
@@ -140,8 +146,8 @@ def compute_scale(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
     if weight.numel() == 0:  # nothing to scale; amax of an empty group is undefined
         return torch.ones(shape, dtype=torch.float32, device=weight.device)
     # amax in float32: bf16/fp16 amax is exact, but the division must not round twice
-    matrix = _view_2d(weight.detach().abs().float(), layout)
-    amax = _tiles(matrix, _tile_edges(layout, *matrix.shape)).amax(dim=(2, 3))
+    matrices = _view_3d(weight.detach().abs().float(), layout)
+    amax = _tiles(matrices, _tile_edges(layout, *matrices.shape[1:])).amax(dim=(3, 4))
     return scale_from_amax(amax, layout.fp8_max).reshape(shape)
 
 
@@ -221,5 +227,5 @@ def dequantize_rows(
     grid = scale.reshape(-(-rows // edges[0]), -(-cols // edges[1]))
     row_scales = grid.index_select(0, torch.div(flat, edges[0], rounding_mode="floor"))
     # FP8 -> float32 is exact; see `dequantize`
-    out = _scaled(picked.float(), row_scales, (1, edges[1]), divide=False)
+    out = _scaled(picked.float().unsqueeze(0), row_scales, (1, edges[1]), divide=False)
     return out.to(dtype).reshape(*indices.shape, cols)

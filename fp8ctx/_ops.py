@@ -1,4 +1,5 @@
-"""Dedicated paths for the layers fp8ctx targets: Linear, Conv*, ConvTranspose*, Embedding.
+"""Dedicated paths for the weights fp8ctx holds: Linear, Conv*, ConvTranspose*, Embedding, transformers' Conv1D
+(``torch.addmm``), and mixture-of-experts tensors (picking an expert, gathering experts, grouped matmuls).
 
 Each handler is registered in :data:`FUNCTIONS` for the torch functions it replaces, with the argument that
 holds the weight; ``FP8Tensor.__torch_function__`` runs it when that argument is the call's only FP8 weight
@@ -37,14 +38,18 @@ class Handler:
     run: Callable[..., Any]
     weight_at: int  # the weight's position ...
     weight_keyword: str  # ... or keyword in the torch function's signature
+    when: Callable[..., bool] | None = None  # a further condition on the call's arguments
 
     def applies(self, fp8_type: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether ``run`` takes this call: the weight is an ``fp8_type`` and no other argument is one."""
+        """Whether ``run`` takes this call: the weight is an ``fp8_type``, no other argument is one, and ``when``
+        (if any) accepts the arguments."""
         position = self.weight_at
         weight = args[position] if len(args) > position else kwargs.get(self.weight_keyword)
         if not isinstance(weight, fp8_type):
             return False
-        return sum(isinstance(value, fp8_type) for value in (*args, *kwargs.values())) == 1
+        if sum(isinstance(value, fp8_type) for value in (*args, *kwargs.values())) != 1:
+            return False
+        return self.when is None or bool(self.when(*args, **kwargs))
 
 
 # torch function -> its dedicated FP8 path
@@ -52,13 +57,17 @@ FUNCTIONS: dict[Callable[..., Any], Handler] = {}
 
 
 def implements(
-    *functions: Callable[..., Any], weight_at: int = 1, weight_keyword: str = "weight"
+    *functions: Callable[..., Any],
+    weight_at: int = 1,
+    weight_keyword: str = "weight",
+    when: Callable[..., bool] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a handler that runs instead of each of ``functions`` when its weight argument is FP8."""
+    """Register a handler that runs instead of each of ``functions`` when its weight argument is FP8 (and
+    ``when``, given the call's arguments, says yes)."""
 
     def register(run: Callable[..., Any]) -> Callable[..., Any]:
         for function in functions:
-            FUNCTIONS[function] = Handler(run, weight_at, weight_keyword)
+            FUNCTIONS[function] = Handler(run, weight_at, weight_keyword, when)
         return run
 
     return register
@@ -173,3 +182,85 @@ def _numpy(self: FP8Tensor, *args: Any, **kwargs: Any) -> Any:
 @implements(torch.Tensor.tolist, weight_at=0, weight_keyword="self")
 def _tolist(self: FP8Tensor) -> Any:
     return self.dequantize().tolist()
+
+
+# -- transformers' Conv1D: a Linear stored (in, out), run as torch.addmm(bias, x, weight) -----------------
+
+
+def _addmm_plain(input: Any, mat1: Any, mat2: Any, *, beta: Any = 1, alpha: Any = 1, out: Any = None) -> bool:
+    return mat2.dim() == 2 and beta == 1 and alpha == 1 and out is None and isinstance(input, torch.Tensor)
+
+
+@implements(torch.addmm, torch.Tensor.addmm, weight_at=2, weight_keyword="mat2", when=_addmm_plain)
+def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: FP8Tensor, **_: Any) -> torch.Tensor:
+    # x @ W + b is F.linear(x, W.T, b): the (out, in) view of the codes takes the Linear path (fused on GPU)
+    if input.dim() != 1:  # a full (rows, out) addend: not a bias
+        return _linear(mat1, mat2.transposed()) + input
+    return _linear(mat1, mat2.transposed(), input)
+
+
+# -- mixture-of-experts tensors (batched weights: experts x out x in) ------------------------------------
+
+
+def _batched(weight: Any) -> bool:
+    return weight.fp8_layout.batch_dims > 0
+
+
+def _expert_index(index: Any) -> str | None:
+    """``"one"`` for an index picking one expert (an int, a 0-d integer tensor), ``"gather"`` for a 1-D integer
+    tensor of experts, None for anything else."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return "one"
+    if isinstance(index, torch.Tensor) and not index.is_floating_point() and index.dtype != torch.bool:
+        return {0: "one", 1: "gather"}.get(index.dim())
+    return None
+
+
+@implements(
+    torch.Tensor.__getitem__,
+    weight_at=0,
+    weight_keyword="self",
+    when=lambda weight, index: _batched(weight) and _expert_index(index) is not None,
+)
+def _pick_experts(weight: FP8Tensor, index: Any) -> Any:
+    if _expert_index(index) == "one":
+        # the eager loop (``F.linear(x, experts[i])``): the expert stays FP8 until its own layer call
+        return weight.matrix(index)
+    # batched_mm (``experts[ids]``, one row per routed token): each expert used is dequantized once, into
+    # the rows that name it; the result is the gathered dense stack that the unquantized model makes too
+    ids = index.reshape(-1)
+    out = torch.empty((ids.numel(), *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+    for expert in torch.unique(ids).tolist():
+        out[ids == expert] = weight.matrix(expert).dequantize()
+    return out
+
+
+def _transposes_matrices(weight: Any, dim0: int, dim1: int) -> bool:
+    ndim = weight.dim()
+    return _batched(weight) and ndim == weight.fp8_layout.batch_dims + 2 and {dim0 % ndim, dim1 % ndim} == {ndim - 2, ndim - 1}
+
+
+@implements(torch.Tensor.transpose, torch.transpose, weight_at=0, weight_keyword="input", when=_transposes_matrices)
+def _transpose(weight: FP8Tensor, dim0: int, dim1: int) -> FP8Tensor:
+    # grouped_mm is given ``experts.transpose(-2, -1)``: a view of the codes, not a dense copy of every expert
+    return weight.transposed()
+
+
+def _grouped_by_offsets(mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None) -> bool:
+    return offs is not None and bias is None and mat_a.dim() == 2 and mat_b.dim() == 3 and _batched(mat_b)
+
+
+@implements(torch._grouped_mm, weight_at=1, weight_keyword="mat_b", when=_grouped_by_offsets)
+def _grouped_mm(
+    mat_a: torch.Tensor, mat_b: FP8Tensor, offs: torch.Tensor, bias: None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    # rows offs[e-1]:offs[e] of mat_a go through expert e, (K, N); experts without rows are never touched.
+    # Expert by expert, each as a Linear of its (N, K) view: at most one expert dense at a time, or none on
+    # the fused GPU path. Rows past offs[-1] (expert-parallel sentinels) are zeros.
+    out = mat_a.new_zeros((mat_a.shape[0], mat_b.shape[-1]), dtype=out_dtype or mat_a.dtype)
+    start = 0
+    for expert, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = _linear(mat_a[start:end], mat_b.matrix(expert).transposed())
+        start = end
+    return out

@@ -21,6 +21,7 @@ from ._layout import COMPUTE_DTYPES
 from ._progress import progress
 from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice, offloaded_by_accelerate, under
+from .integrations.transformers_layers import EXPERT_COUNTS, conv1d_type, experts_transposed
 
 __all__ = [
     "Fill",
@@ -28,6 +29,7 @@ __all__ = [
     "Target",
     "check_overlap",
     "exclusion",
+    "expert_weights",
     "find_targets",
     "layer_weights",
     "meta_fills",
@@ -43,13 +45,14 @@ logger = logging.getLogger("fp8ctx")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One weight to hold as FP8: its name in ``named_parameters()``, its layer's name, the object, and
-    the axis of its output channels."""
+    """One weight to hold as FP8: its name in ``named_parameters()``, its layer's name, the object, the axis of
+    its output channels, and how many leading dims index separate matrices (1 for mixture-of-experts tensors)."""
 
     name: str
     layer: str
     param: nn.Parameter
     channel_axis: int
+    batch_dims: int = 0
 
 
 def exclusion(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> ExcludeRule | None:
@@ -69,14 +72,48 @@ def _channel_axis(layer: nn.Module) -> int:
     return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
 
 
-def layer_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int]]:
-    """The weights ``config`` holds among ``layer``'s own parameters: ``(attribute, channel axis)`` pairs.
+# nn.MultiheadAttention's projection weights (out_proj is a Linear of its own); q/k/v_proj_weight exist instead of
+# in_proj_weight when key/value sizes differ from the embedding size
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
-    The selection rule, in one place (planning and the dense inventory both read it).
+
+def layer_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int, int]]:
+    """The weights ``config`` holds among ``layer``'s own parameters: ``(attribute, channel axis, batch dims)``.
+
+    The selection rule, in one place (planning and the dense inventory both read it):
+
+    - the ``weight`` of a layer of one of ``config.layers``' types;
+    - ``nn.MultiheadAttention``'s input projections, when it is among ``config.layers``;
+    - transformers' ``Conv1D`` (a Linear stored (in, out)) wherever ``nn.Linear`` is among ``config.layers``;
+    - with ``config.experts``, every 3-D parameter of a module with an expert count (``num_experts``) whose first
+      dim is that count: one matrix per expert, (out, in), or (in, out) where the module says ``is_transposed``.
     """
-    if isinstance(layer, config.layers) and isinstance(layer._parameters.get("weight"), torch.Tensor):
-        return [("weight", _channel_axis(layer))]
-    return []
+    params = layer._parameters
+    if isinstance(layer, nn.MultiheadAttention):
+        if not isinstance(layer, config.layers):
+            return []
+        return [(name, 0, 0) for name in _ATTENTION_WEIGHTS if isinstance(params.get(name), torch.Tensor)]
+    if not isinstance(params.get("weight"), torch.Tensor):
+        return expert_weights(layer) if config.experts else []
+    if isinstance(layer, config.layers):
+        return [("weight", _channel_axis(layer), 0)]
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(layer, conv1d) and any(issubclass(nn.Linear, kind) for kind in config.layers):
+        return [("weight", 1, 0)]
+    return expert_weights(layer) if config.experts else []
+
+
+def expert_weights(layer: nn.Module) -> list[tuple[str, int, int]]:
+    """A module's mixture-of-experts tensors (``layer_weights``' triples), whatever ``config.experts`` says."""
+    count = next((getattr(layer, name) for name in EXPERT_COUNTS if type(getattr(layer, name, None)) is int), None)
+    if not count:
+        return []
+    axis = 2 if experts_transposed(layer) else 1
+    return [
+        (name, axis, 1)
+        for name, param in layer._parameters.items()
+        if isinstance(param, torch.Tensor) and param.dim() == 3 and param.shape[0] == count
+    ]
 
 
 def _excluded_parameters(module: nn.Module, rules: tuple[ExcludeRule, ...]) -> dict[int, str]:
@@ -136,7 +173,7 @@ def select_targets(module: nn.Module, config: FP8Config) -> list[Target]:
     excluded = _excluded_parameters(module, config.exclude)
     chosen: dict[int, Target] = {}
     for layer_name, layer in module.named_modules():
-        for attribute, channel_axis in layer_weights(layer, config):
+        for attribute, channel_axis, batch_dims in layer_weights(layer, config):
             weight = layer._parameters[attribute]
             if id(weight) in chosen or id(weight) in excluded:
                 continue
@@ -149,7 +186,7 @@ def select_targets(module: nn.Module, config: FP8Config) -> list[Target]:
             if weight.dtype not in COMPUTE_DTYPES:
                 logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
                 continue
-            chosen[id(weight)] = Target(name, layer_name, weight, channel_axis)
+            chosen[id(weight)] = Target(name, layer_name, weight, channel_axis, batch_dims)
     order = {name: i for i, name in enumerate(canonical.values())}
     return sorted(chosen.values(), key=lambda target: order[target.name])
 
@@ -186,7 +223,8 @@ def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> lis
                 f"store entry {name!r} is on {entry.device}, the parameter on {param.device}; "
                 f"move the store with store.to({str(param.device)!r})"
             )
-        targets.append(Target(name, name.rpartition(".")[0], param, entry.fp8_layout.channel_axis))
+        layout = entry.fp8_layout
+        targets.append(Target(name, name.rpartition(".")[0], param, layout.channel_axis, layout.batch_dims))
     return targets
 
 
@@ -228,7 +266,7 @@ def quantize_target(target: Target, config: FP8Config) -> FP8Tensor:
     Raises:
         FP8Error: the weight holds NaN or Inf (names the parameter and how to leave its layer out).
     """
-    return FP8Tensor.from_dense(target.param, config.layout(target.channel_axis), name=target.name)
+    return FP8Tensor.from_dense(target.param, config.layout(target.channel_axis, target.batch_dims), name=target.name)
 
 
 def unquantized_tensors(module: nn.Module, targets: Sequence[Target]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -189,6 +189,51 @@ class FP8Tensor(ReadOnlyTensor):
         wanted = dtype or meta.compute_dtype
         return dense if wanted == meta.value_dtype else dense.to(wanted)
 
+    def matrix(self, index: int | torch.Tensor) -> FP8Tensor:
+        """Matrix ``index`` of a batched weight (an expert of a mixture-of-experts tensor), still FP8.
+
+        The codes and scales are views of this weight's (nothing is copied or dequantized).
+
+        Args:
+            index: an int or a 0-d integer tensor, into the first batch dim.
+
+        Raises:
+            FP8Error: the weight has no batch dims (its layout's ``batch_dims`` is 0).
+
+        Example:
+            >>> experts = FP8Tensor.from_dense(torch.randn(4, 6, 8), FP8Layout("channel", channel_axis=1, batch_dims=1))
+            >>> expert = experts.matrix(2)
+            >>> expert.shape, expert.scale.shape, torch.equal(expert.dequantize(), experts.dequantize()[2])
+            (torch.Size([6, 8]), torch.Size([6]), True)
+        """
+        layout = self._meta.fp8_layout
+        if not layout.batch_dims:
+            raise FP8Error(f"weight {self.param_name!r} is one matrix (batch_dims=0): there is no matrix to pick")
+        return self._rewrap(self._data[index], self._scale[index], fp8_layout=layout.matrix())
+
+    def transposed(self) -> FP8Tensor:
+        """The weight with its last two dims swapped (each matrix transposed), still FP8.
+
+        Each scale keeps its group (the layout's channel axis moves with the dims); the codes are a view.
+
+        Raises:
+            FP8Error: the weight has more dims than its batch dims and one matrix (a conv kernel, say).
+
+        Example:
+            >>> w = FP8Tensor.from_dense(torch.randn(6, 8), FP8Layout("block", block_size=4))
+            >>> torch.equal(w.transposed().dequantize(), w.dequantize().T), w.transposed().fp8_layout.channel_axis
+            (True, 1)
+        """
+        layout, ndim = self._meta.fp8_layout, self._data.dim()
+        if ndim != layout.batch_dims + 2:
+            raise FP8Error(
+                f"weight {self.param_name!r} ({ndim}-d, batch_dims={layout.batch_dims}) is not a stack of matrices; "
+                "only those transpose without dequantizing"
+            )
+        last = {ndim - 1: ndim - 2, ndim - 2: ndim - 1}
+        axis = last.get(layout.channel_axis, layout.channel_axis)
+        return self._rewrap(self._data.transpose(-2, -1), fp8_layout=layout.replace(channel_axis=axis))
+
     def to_device(self, device: torch.device | str) -> FP8Tensor:
         """The same FP8 weight with data and scales on ``device`` (no dequantization)."""
         return _as_parameter(self._rewrap(self._data.to(device), self._scale.to(device)))
@@ -308,6 +353,8 @@ def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype:
         return f"codes must be a {layout.storage_dtype} tensor, got {getattr(data, 'dtype', type(data).__name__)}"
     if data.dim() and layout.channel_axis >= data.dim():
         return f"channel_axis {layout.channel_axis} is not an axis of a {data.dim()}-d weight"
+    if layout.batch_dims >= max(data.dim(), 1):
+        return f"batch_dims {layout.batch_dims} leaves no matrix in a {data.dim()}-d weight"
     want = layout.scale_shape(data.shape)
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != want:
         got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__

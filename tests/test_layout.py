@@ -98,3 +98,33 @@ def test_to_dict_is_json_and_from_dict_reads_it_back():
 def test_from_dict_refuses_any_bad_field_naming_it_and_where(fields, named):
     with pytest.raises(FP8Error, match=f"layout of 'fc.weight'.*{named}"):
         FP8Layout.from_dict(fields, "layout of 'fc.weight'")
+
+
+# -- batch dims: one set of scale groups per expert ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [({"batch_dims": -1}, "batch_dims"), ({"batch_dims": True}, "batch_dims"), ({"batch_dims": 1}, "channel_axis")],
+)
+def test_batch_dims_are_checked_and_the_channel_axis_lies_past_them(fields, named):
+    with pytest.raises(FP8Error, match=named):
+        FP8Layout(**fields)  # channel_axis 0 would be the expert axis
+
+
+@pytest.mark.parametrize(
+    "granularity,axis,expected",
+    [("tensor", 1, (4,)), ("channel", 1, (4, 20)), ("channel", 2, (4, 12)), ("block", 1, (4, 3, 2)), ("block", 2, (4, 2, 3))],
+)
+def test_a_batched_weight_has_each_matrix_scales_behind_the_batch_dims(granularity, axis, expected):
+    layout = FP8Layout(granularity, 8, axis, batch_dims=1)
+    shape = (4, 20, 12)  # 4 experts of (20, 12); axis 2: each expert stored (in=20, out=12)
+    assert layout.scale_shape(shape) == expected
+    assert layout.batch_shape(shape) == (4,)
+    assert layout.matrix().scale_shape(shape[1:]) == expected[1:]
+    assert layout.matrix() == FP8Layout(granularity, 8, axis - 1)
+
+
+def test_files_written_before_batch_dims_read_as_zero():
+    assert FP8Layout.from_dict(GOOD) == FP8Layout.from_dict({**GOOD, "batch_dims": 0})
+    assert FP8Layout.from_dict(FP8Layout("channel", channel_axis=2, batch_dims=1).to_dict()).batch_dims == 1

@@ -166,3 +166,17 @@ def test_dequantize_rows_refuses_an_index_outside_the_table(granularity):
     data, scale, _ = qdq(table, granularity, 4, torch.float8_e4m3fn, 0)
     with pytest.raises(IndexError):
         _numerics.dequantize_rows(data, scale, torch.tensor([10]), FP8Layout(granularity, 4), torch.float32)
+
+
+@pytest.mark.parametrize("axis", [1, 2], ids=["out-in", "in-out"])
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_batched_weights_are_quantized_matrix_by_matrix(granularity, storage, axis, device):
+    weight = torch.randn(5, 24, 40, device=device) * torch.logspace(-3, 1, 5, device=device).view(5, 1, 1)
+    layout = FP8Layout(granularity, 16, axis, storage, batch_dims=1)
+    scale = _numerics.compute_scale(weight, layout)
+    restored = _numerics.dequantize(_numerics.quantize(weight, scale, layout), scale, layout, weight.dtype)
+    assert scale.shape == layout.scale_shape(weight.shape) and scale.shape[0] == 5
+    # each expert on its own, by the formula: its scales are its own whatever the others' magnitudes
+    for e in range(5):
+        assert torch.equal(restored[e], reference_qdq(weight[e], granularity, 16, storage, axis - 1))

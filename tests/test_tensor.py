@@ -489,3 +489,20 @@ def test_use_backend_rejects_unknown_names(name):
         with fp8ctx.kernels.use_backend(name):
             pytest.fail("the block must not run")
     assert fp8ctx.kernels.get_backend() == initial
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_an_expert_and_a_transpose_are_fp8_views_of_the_same_codes(granularity):
+    experts = fp8ctx.FP8Tensor.from_dense(torch.randn(4, 12, 20), fp8ctx.FP8Layout(granularity, 8, 1, batch_dims=1), name="experts")
+    dense = experts.dequantize()
+    expert = experts.matrix(torch.tensor(2))
+    assert isinstance(expert, fp8ctx.FP8Tensor) and expert.qdata.data_ptr() == experts.qdata[2].data_ptr()
+    assert torch.equal(expert.dequantize(), dense[2])
+    flipped = experts.transposed()
+    assert flipped.shape == (4, 20, 12) and flipped.qdata.data_ptr() == experts.qdata.data_ptr()
+    assert torch.equal(flipped.dequantize(), dense.transpose(-2, -1))
+    assert torch.equal(flipped.matrix(1).transposed().dequantize(), dense[1])
+    with pytest.raises(fp8ctx.FP8Error, match="batch_dims=0"):
+        expert.matrix(0)
+    with pytest.raises(fp8ctx.FP8Error, match="not a stack of matrices"):
+        fp8ctx.FP8Tensor.from_dense(torch.randn(4, 3, 2, 2), fp8ctx.FP8Layout(granularity)).transposed()

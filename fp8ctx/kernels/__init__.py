@@ -129,7 +129,8 @@ def fp8_linear(
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> torch.Tensor:
     """A dense copy of an FP8 weight of any shape, in one pass on the GPU (``_numerics.dequantize`` elsewhere)."""
-    if _eager(data):
+    # a batched (mixture-of-experts) layout has no op arguments: it takes the pure-torch path, traced as it is
+    if _eager(data) or layout.batch_dims:
         return _impl.dequantize(data, scale, layout, dtype)
     return ops.dequantize(data, scale, *layout_args(layout), dtype)
 
