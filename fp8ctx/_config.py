@@ -61,6 +61,11 @@ class FP8Config:
         experts: hold mixture-of-experts tensors (default True): the 3-D parameters (experts x out x in) of a
             module with an expert count (``num_experts``), as transformers' MoE models store them; one set of
             scales per expert, and a forward dequantizes only the experts its tokens are routed to.
+        include: parameter-name patterns (fnmatch, on ``named_parameters()`` names) of further weights to hold
+            beyond those of the layer types: raw parameters of 2 or more dims that a model uses as a matmul operand,
+            such as a pooling probe or a projection kept as a bare ``nn.Parameter`` (output channels taken as
+            dim 0). One pattern or an iterable of them. Routers and other layers with a ``weight`` are opted in
+            with ``layers=`` instead.
 
     Raises:
         FP8Error: a field outside the values above (names the field and the value).
@@ -80,6 +85,7 @@ class FP8Config:
     exclude: tuple[ExcludeRule, ...] = ()
     compute: str = "weight_only"
     experts: bool = True
+    include: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # frozen: normalise spelled-out values once, at construction
@@ -92,6 +98,7 @@ class FP8Config:
         check_compute(self.compute, self.layout())
         if not isinstance(self.experts, bool):
             raise FP8Error(f"experts must be True or False, got {self.experts!r}")
+        object.__setattr__(self, "include", _check_include(self.include))
 
     def layout(self, channel_axis: int = 0, batch_dims: int = 0) -> FP8Layout:
         """The layout one weight whose output channels lie on ``channel_axis`` is stored in (``batch_dims``
@@ -112,6 +119,7 @@ class FP8Config:
             "exclude": [rule if isinstance(rule, str) else {"predicate": _name(rule)} for rule in self.exclude],
             "compute": self.compute,
             "experts": self.experts,
+            "include": list(self.include),
         }
 
     @classmethod
@@ -133,6 +141,8 @@ class FP8Config:
         values = dict(data)
         if "layers" in values:
             values["layers"] = tuple(_layer_type(name) for name in _listed(values["layers"], "layers"))
+        if "include" in values:
+            values["include"] = tuple(_listed(values["include"], "include"))
         if "exclude" in values:
             rules = _listed(values["exclude"], "exclude")
             predicates = [rule for rule in rules if not isinstance(rule, str)]
@@ -186,6 +196,20 @@ def _check_exclude(exclude: Exclude) -> tuple[ExcludeRule, ...]:
                 f"or a list of those; got {rule!r}"
             )
     return rules
+
+
+def _check_include(include: Any) -> tuple[str, ...]:
+    patterns = (include,) if isinstance(include, str) else include
+    try:
+        patterns = tuple(patterns)
+    except TypeError:
+        patterns = (patterns,)
+    bad = [pattern for pattern in patterns if not isinstance(pattern, str) or not pattern]
+    if bad:
+        raise FP8Error(
+            f"include must be parameter-name patterns (non-empty str, fnmatch style, e.g. '*.probe'), got {bad[0]!r}"
+        )
+    return patterns
 
 
 def _name(rule: Callable[..., Any]) -> str:

@@ -106,7 +106,7 @@ def _rule_name(rule: ExcludeRule) -> str:
     return f"predicate {getattr(rule, '__qualname__', repr(rule))}"
 
 
-def _structural_reason(layer: nn.Module, attribute: str, param: torch.Tensor) -> str:
+def _structural_reason(layer: nn.Module, attribute: str, param: torch.Tensor, name: str) -> str:
     """Why a parameter that no selection rule picks stays dense, from what it is."""
     if isinstance(layer, nn.Embedding):
         return "embedding (opt-in: layers=DEFAULT_LAYERS + (nn.Embedding,))"
@@ -121,7 +121,10 @@ def _structural_reason(layer: nn.Module, attribute: str, param: torch.Tensor) ->
     if attribute == "weight":
         kind = type(layer).__name__
         return f"layer type {kind} not in layers (opt-in: layers=DEFAULT_LAYERS + ({kind},))"
-    return f"{param.dim()}-D parameter {attribute!r} of {type(layer).__name__} (not a layer weight fp8ctx holds)"
+    return (
+        f"{param.dim()}-D parameter {attribute!r} of {type(layer).__name__} (not a layer weight; opt-in if it is a "
+        f"matmul operand: include=[{name!r}])"
+    )
 
 
 def dense_inventory(module: nn.Module, targets: Sequence[Target], config: FP8Config) -> list[DenseEntry]:
@@ -158,8 +161,8 @@ def dense_inventory(module: nn.Module, targets: Sequence[Target], config: FP8Con
             owners.setdefault(id(param), []).append((layer_name, layer))
     selected = {
         id(layer._parameters[attribute])
-        for _, layer in module.named_modules()
-        for attribute, _, _ in layer_weights(layer, config)
+        for layer_name, layer in module.named_modules()
+        for attribute, _, _ in layer_weights(layer, config, layer_name)
     }
     entries = []
     for key, (name, layer, attribute, param) in first.items():
@@ -168,7 +171,7 @@ def dense_inventory(module: nn.Module, targets: Sequence[Target], config: FP8Con
         if key in selected:
             reason = _reason_for_selected(param, owners[key], config)
         else:
-            reason = _structural_reason(layer, attribute, param)
+            reason = _structural_reason(layer, attribute, param, name)
         entries.append(
             DenseEntry(
                 name,

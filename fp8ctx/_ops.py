@@ -250,7 +250,11 @@ def _grouped_by_offsets(mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = No
     return offs is not None and bias is None and mat_a.dim() == 2 and mat_b.dim() == 3 and _batched(mat_b)
 
 
-@implements(torch._grouped_mm, weight_at=1, weight_keyword="mat_b", when=_grouped_by_offsets)
+# F.grouped_mm (torch >= 2.10) calls torch._grouped_mm; either may be what a subclass sees first
+_GROUPED_MM = tuple(f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None)
+
+
+@implements(*_GROUPED_MM, weight_at=1, weight_keyword="mat_b", when=_grouped_by_offsets)
 def _grouped_mm(
     mat_a: torch.Tensor, mat_b: FP8Tensor, offs: torch.Tensor, bias: None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:

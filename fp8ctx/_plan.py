@@ -77,7 +77,7 @@ def _channel_axis(layer: nn.Module) -> int:
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-def layer_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int, int]]:
+def layer_weights(layer: nn.Module, config: FP8Config, layer_name: str = "") -> list[tuple[str, int, int]]:
     """The weights ``config`` holds among ``layer``'s own parameters: ``(attribute, channel axis, batch dims)``.
 
     The selection rule, in one place (planning and the dense inventory both read it):
@@ -86,8 +86,25 @@ def layer_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int, i
     - ``nn.MultiheadAttention``'s input projections, when it is among ``config.layers``;
     - transformers' ``Conv1D`` (a Linear stored (in, out)) wherever ``nn.Linear`` is among ``config.layers``;
     - with ``config.experts``, every 3-D parameter of a module with an expert count (``num_experts``) whose first
-      dim is that count: one matrix per expert, (out, in), or (in, out) where the module says ``is_transposed``.
+      dim is that count: one matrix per expert, (out, in), or (in, out) where the module says ``is_transposed``;
+    - any other parameter of 2 or more dims whose name (``layer_name.attribute``) matches ``config.include``.
     """
+    chosen = _kind_weights(layer, config)
+    if config.include:
+        taken = {attribute for attribute, _, _ in chosen}
+        for attribute, param in layer._parameters.items():
+            name = f"{layer_name}.{attribute}" if layer_name else attribute
+            if (
+                attribute not in taken
+                and isinstance(param, torch.Tensor)
+                and param.dim() >= 2
+                and any(fnmatch.fnmatchcase(name, pattern) for pattern in config.include)
+            ):
+                chosen.append((attribute, 0, 0))
+    return chosen
+
+
+def _kind_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int, int]]:
     params = layer._parameters
     if isinstance(layer, nn.MultiheadAttention):
         if not isinstance(layer, config.layers):
@@ -173,7 +190,7 @@ def select_targets(module: nn.Module, config: FP8Config) -> list[Target]:
     excluded = _excluded_parameters(module, config.exclude)
     chosen: dict[int, Target] = {}
     for layer_name, layer in module.named_modules():
-        for attribute, channel_axis, batch_dims in layer_weights(layer, config):
+        for attribute, channel_axis, batch_dims in layer_weights(layer, config, layer_name):
             weight = layer._parameters[attribute]
             if id(weight) in chosen or id(weight) in excluded:
                 continue

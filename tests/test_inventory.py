@@ -62,7 +62,8 @@ def test_each_parameter_left_dense_is_listed_once_with_its_reason():
         "norm.weight": "norm",
         "norm.bias": "norm",
         "gate.weight": "layer type Gate not in layers (opt-in: layers=DEFAULT_LAYERS + (Gate,))",
-        "pool.probe": "2-D parameter 'probe' of Pool (not a layer weight fp8ctx holds)",
+        "pool.probe": "2-D parameter 'probe' of Pool (not a layer weight; opt-in if it is a matmul operand: "
+        "include=['pool.probe'])",
         "pool.temperature": "0-D",
         "skip.weight": "excluded by pattern 'skip'",
         "codes.weight": "not a float dtype (int8)",

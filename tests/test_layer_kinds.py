@@ -1,5 +1,6 @@
-"""Weights held by default beyond Linear/Conv: transformers' Conv1D (GPT-2, run through torch.addmm) and
-nn.MultiheadAttention's input projections (run through F.multi_head_attention_forward, fast paths skipped)."""
+"""Weights held beyond Linear/Conv: by default transformers' Conv1D (GPT-2, run through torch.addmm) and
+nn.MultiheadAttention's input projections (F.multi_head_attention_forward, fast paths skipped); by opt-in
+routers (``layers=``) and raw parameters used as matmul operands (``include=``)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,85 @@ def test_multihead_attention_is_left_out_by_layers_or_exclude():
     without = FP8Store.from_module(model, layers=tuple(t for t in DEFAULT_LAYERS if t is not nn.MultiheadAttention))
     assert not any("in_proj" in name for name in without)
     assert not any("in_proj" in name for name in FP8Store.from_module(model, config=FP8Config(exclude="*.self_attn")))
+
+
+# -- opt-ins: routers (layers=) and raw parameters (include=) ----------------------------------------------
+
+
+class ProbePool(nn.Module):
+    """Raw parameters used as matmul operands: a probe scoring tokens and a bare projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(4, 32))
+        self.projection = nn.Parameter(torch.randn(16, 32))
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(x @ self.probe.T, dim=1)  # (batch, tokens, 4)
+        pooled = weights.transpose(1, 2) @ x  # (batch, 4, 32)
+        return torch.nn.functional.linear(pooled, self.projection) * self.scale
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_raw_parameters_are_held_when_included_by_name(granularity):
+    torch.manual_seed(0)
+    model = nn.Sequential(ProbePool())
+    assert len(FP8Store.from_module(model)) == 0  # raw parameters: dense by default
+    config = FP8Config(include=["*.probe", "0.projection", "*.scale"], granularity=granularity, block_size=8)
+    assert sorted(FP8Store.from_module(model, config=config)) == ["0.probe", "0.projection"]  # 1-D never
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("probe", "projection"):
+            getattr(twin[0], name).copy_(reference_qdq(getattr(twin[0], name), granularity, 8))
+    x = torch.randn(2, 9, 32)
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = twin(x)
+        with fp8_weights(model, config=config):
+            assert isinstance(model[0].probe, FP8Tensor)
+            actual = model(x)
+    assert_restored(model, before)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_router_is_held_when_its_type_is_added_to_layers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+    )
+    model = transformers.MixtralForCausalLM(config).eval()
+    routers = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, MixtralTopKRouter)]
+    assert routers and not set(routers) & set(FP8Store.from_module(model))
+    opted = FP8Config(layers=DEFAULT_LAYERS + (MixtralTopKRouter,), granularity="channel")
+    assert set(routers) <= set(FP8Store.from_module(model, config=opted))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in twin.modules():
+            if isinstance(module, (nn.Linear, MixtralTopKRouter)):
+                module.weight.copy_(reference_qdq(module.weight, "channel"))
+            elif hasattr(module, "num_experts") and hasattr(module, "gate_up_proj"):
+                for param in (module.gate_up_proj, module.down_proj):
+                    for e in range(param.shape[0]):
+                        param[e] = reference_qdq(param[e], "channel")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = twin(ids).logits
+        with fp8_weights(model, config=opted):
+            actual = model(ids).logits
+    assert_restored(model, before)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_include_is_checked_when_the_config_is_built():
+    from fp8ctx import FP8Error
+
+    with pytest.raises(FP8Error, match="include"):
+        FP8Config(include=[3])
+    assert FP8Config(include="*.probe").include == ("*.probe",)
+    assert FP8Config.from_dict(FP8Config(include=["a.*"]).to_dict()).include == ("a.*",)
