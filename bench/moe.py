@@ -47,6 +47,13 @@ def build_block(sizes: dict, device: str) -> torch.nn.Module:
     return block
 
 
+def available_implementations(wanted: list[str]) -> list[str]:
+    """The wanted experts implementations this transformers offers (``eager`` always)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return [name for name in wanted if name == "eager" or name in ALL_EXPERTS_FUNCTIONS]
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -195,8 +202,9 @@ def main() -> None:
     block = build_block(sizes, args.device)
     env = environment(args.device)
     print(json.dumps(env), flush=True)
+    implementations = available_implementations(args.implementations.split(","))
     rows = measure(
-        block, methods, args.implementations.split(","), [int(n) for n in args.tokens.split(",")], args.device,
+        block, methods, implementations, [int(n) for n in args.tokens.split(",")], args.device,
         args.repeat,
     )
     if args.out:
