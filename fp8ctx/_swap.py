@@ -77,6 +77,11 @@ def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+    """A flat uint8 tensor over all of ``storage`` (for copying it whole)."""
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+
+
 class Journal:
     """Records reversible changes to modules and Parameters; :meth:`undo` reverts them in reverse order.
 
@@ -185,15 +190,14 @@ class Journal:
         storage = tensor.untyped_storage()
         if tensor.device.type == "cpu" or storage.nbytes() == 0:
             return
-        pinned = torch.cuda.is_available() and tensor.device.type == "cuda"
-        host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned)
-        host.untyped_storage().copy_(storage, non_blocking=pinned)
-        if pinned:
-            torch.cuda.current_stream(tensor.device).synchronize()
+        device, size = tensor.device, storage.nbytes()
+        pinned = torch.cuda.is_available() and device.type == "cuda"
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        host.copy_(_bytes_of(storage, device))
 
         def bring_back() -> None:
-            storage.resize_(host.numel())
-            storage.copy_(host.untyped_storage(), non_blocking=pinned)
+            storage.resize_(size)
+            _bytes_of(storage, device).copy_(host)
 
         self._undo.append(bring_back)
         storage.resize_(0)

@@ -10,7 +10,7 @@ from conftest import assert_restored, snapshot
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
-from fp8ctx._swap import Journal, find_slots
+from fp8ctx._swap import ABSENT, Journal, find_slots
 
 
 class RecordingDict(dict):
@@ -230,3 +230,46 @@ def test_offload_frees_device_memory_and_restores_bits_and_strides(layout):
     torch.cuda.synchronize()
     assert param.device.type == "cuda" and param.stride() == stride
     assert torch.equal(param.detach().cpu().view(torch.int16), bits)
+
+
+def test_set_attributes_on_a_bookkeeping_object_are_undone_including_absent_ones():
+    class Record:  # stands for another library's per-parameter record (FSDP2's FSDPParam)
+        pass
+
+    record, buffers, cached = Record(), [torch.zeros(2)], torch.ones(3)
+    record.buffers, record.cached = buffers, cached
+    journal = Journal()
+    journal.set_attributes(record, {"buffers": [], "cached": ABSENT, "extension": "new"})
+    assert record.buffers == [] and not hasattr(record, "cached") and record.extension == "new"
+    order = []
+    journal.on_undo(lambda: order.append(("first undone", hasattr(record, "extension"))))
+    journal.undo()
+    assert order == [("first undone", True)]  # a step recorded last runs before the earlier ones
+    assert record.buffers is buffers and record.cached is cached and not hasattr(record, "extension")
+
+
+def test_offload_storage_leaves_cpu_storage_in_place():
+    shard = torch.randn(4, 8)
+    before = shard.untyped_storage().data_ptr()
+    journal = Journal()
+    journal.offload_storage(shard)
+    assert shard.untyped_storage().nbytes() == 32 * 4 and shard.untyped_storage().data_ptr() == before
+    journal.undo()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload only moves storage off an accelerator")
+def test_offload_storage_frees_device_memory_and_brings_the_same_bytes_back_into_the_same_storage():
+    torch.manual_seed(0)
+    padded = torch.randn(1024 * 2048, device="cuda", dtype=torch.bfloat16)
+    shard = padded.view(1024, 2048)[:1000]  # a view of part of it, as FSDP2's shard of its padded data
+    storage, bits = padded.untyped_storage(), padded.cpu().view(torch.int16).clone()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    journal = Journal()
+    journal.offload_storage(shard)
+    torch.cuda.synchronize()
+    assert allocated - torch.cuda.memory_allocated() >= 1024 * 2048 * 2
+    assert padded.untyped_storage().nbytes() == 0 and shard.shape == (1000, 2048)  # objects kept
+    journal.undo()
+    assert padded.untyped_storage().data_ptr() == storage.data_ptr()  # the same storage, re-allocated
+    assert torch.equal(padded.cpu().view(torch.int16), bits) and torch.equal(shard.cpu(), padded.view(1024, 2048)[:1000].cpu())

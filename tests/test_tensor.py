@@ -506,3 +506,14 @@ def test_an_expert_and_a_transpose_are_fp8_views_of_the_same_codes(granularity):
         expert.matrix(0)
     with pytest.raises(fp8ctx.FP8Error, match="not a stack of matrices"):
         fp8ctx.FP8Tensor.from_dense(torch.randn(4, 3, 2, 2), fp8ctx.FP8Layout(granularity)).transposed()
+
+
+def test_a_strided_view_of_the_whole_weight_stays_fp8_and_any_other_is_a_read_only_dense_view():
+    # FSDP2 makes its all-gathered parameter with torch.as_strided(gathered, size, contiguous stride, 0)
+    weight = FP8Tensor.from_dense(torch.randn(6, 8), fp8ctx.FP8Layout("channel"), name="w")
+    whole = torch.as_strided(weight, (6, 8), (8, 1), 0)
+    assert type(whole) is FP8Tensor and whole.qdata is weight.qdata and whole.scale is weight.scale
+    part = torch.as_strided(weight, (3, 8), (8, 1), 0)
+    assert type(part) is not FP8Tensor and torch.equal(part, weight.dequantize()[:3])
+    with pytest.raises(FP8Error):
+        part.add_(1)
