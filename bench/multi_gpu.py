@@ -123,8 +123,10 @@ def accelerate_maps(args: argparse.Namespace) -> dict:
         model = build(args, gpu)
         layers = len(model.layers)
         device_map = {"embed_tokens": devices[0], "rotary_emb": devices[0]}
+        # two GPUs: half the layers each; GPU + CPU: the last --cpu-layers on the CPU (a CPU forward is slow)
+        first = layers // 2 if label == "2gpu" else layers - args.cpu_layers
         for index in range(layers):
-            device_map[f"layers.{index}"] = devices[0] if index < layers // 2 else devices[1]
+            device_map[f"layers.{index}"] = devices[0] if index < first else devices[1]
         device_map["norm"] = devices[1]
         main_device = "cpu" if "cpu" in devices else devices[0]  # a GPU main device would offload the CPU half
         model = dispatch_model(model, device_map, main_device=main_device, force_hooks=True)
@@ -236,7 +238,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     try:
         result = {"replicas": replicas, "fsdp": fsdp}[args.worker](args, rank, device)
-        Path(args.out, f"{args.worker}-rank{rank}.json").write_text(json.dumps(result, indent=1, default=str))
+        Path(args.out, "ranks").mkdir(exist_ok=True)
+        Path(args.out, "ranks", f"{args.worker}-rank{rank}.json").write_text(json.dumps(result, indent=1, default=str))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -248,7 +251,7 @@ def launch(args: argparse.Namespace, part: str, ranks: int) -> list[dict]:
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         return [{"error": f"torchrun rc={done.returncode}", "log": done.stderr[-4000:]}]
-    return [json.loads(Path(args.out, f"{part}-rank{rank}.json").read_text()) for rank in range(ranks)]
+    return [json.loads(Path(args.out, "ranks", f"{part}-rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
 def main() -> None:
@@ -260,6 +263,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--cpu-layers", type=int, default=1, help="decoder layers on the CPU in the GPU + CPU map")
     parser.add_argument("--ranks", type=int, default=0, help="torchrun ranks (default: the GPUs; 2 on CPU)")
     parser.add_argument("--parts", default="accelerate,replicas,fsdp")
     parser.add_argument("--worker", choices=["replicas", "fsdp"], help=argparse.SUPPRESS)

@@ -4,6 +4,7 @@
 #   bash bench/on_device.sh tests    # the whole test suite on CUDA (GPU tests included)
 #   bash bench/on_device.sh bench    # bench/mechanism.py, then bench/compare.py (full run)
 #   bash bench/on_device.sh all      # both; TESTS_S caps the tests, BUDGET_S the benchmark (--budget-s)
+#   bash bench/on_device.sh multi    # several devices (docs/multi-gpu.md): its tests, then bench/multi_gpu.py
 #   METHODS='bf16,fp8ctx*' bash bench/on_device.sh bench   # a subset (compare.py --methods)
 #   TESTS="tests/test_kernels.py" bash bench/on_device.sh tests  # a subset of the tests
 #
@@ -43,4 +44,17 @@ if [[ $mode == bench || $mode == all ]]; then
     >"$out/compare.txt" 2>&1
   echo "compare rc=$?"
   tail -60 "$out/compare.txt"
+fi
+
+if [[ $mode == multi ]]; then
+  start=$(date +%s)
+  timeout "${TESTS_S:-240}" python3 -m pytest -p no:cacheprovider -v -rs tests/test_integrations.py tests/test_swap.py \
+    tests/test_distributed.py tests/test_tensor.py -k "accelerate or offload or distributed or fsdp or strided or device_map" \
+    >"$out/multi_tests.txt" 2>&1
+  echo "multi-device tests rc=$? in $(( $(date +%s) - start )) s"
+  grep -E "passed|failed|error" "$out/multi_tests.txt" | tail -3
+  grep -E "^(FAILED|ERROR|SKIPPED)" "$out/multi_tests.txt" | head -20
+  timeout "${BUDGET_S:-300}" python3 bench/multi_gpu.py --out "$out" >"$out/multi_gpu.txt" 2>&1
+  echo "multi_gpu rc=$?"
+  tail -80 "$out/multi_gpu.txt"
 fi

@@ -182,8 +182,12 @@ def _check_record(name: str, record: Any, layout: FP8Layout, store_given: bool) 
             f"{where}: store= does not apply to FSDP2 shards (each rank quantizes its own shard when the block "
             "is entered); call fp8_weights(model) without store="
         )
-    if not all(hasattr(record, field) for field in _RECORD_FIELDS):
-        raise FP8Error(f"{where}: this torch {torch.__version__} FSDP2 keeps no all-gather record fp8ctx knows")
+    missing = [field for field in _RECORD_FIELDS if not hasattr(record, field)]
+    if missing:
+        raise FP8Error(
+            f"{where}: fp8ctx holds FSDP2 shards through FSDP's per-parameter record as torch 2.13 keeps it; this "
+            f"torch {torch.__version__}'s lacks {missing}. Leave the sharded layers out with exclude="
+        )
     if record.fsdp_placement.dim != 0:
         raise FP8Error(f"{where} is sharded along dim {record.fsdp_placement.dim}; fp8ctx holds Shard(0) shards only")
     if record.offload_to_cpu:

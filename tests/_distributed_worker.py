@@ -8,6 +8,7 @@ Scenarios:
     replicas: one replica per rank, each inside its own ``fp8_weights`` block, on this rank's prompts.
     fsdp: the tower sharded with FSDP2 (``fully_shard`` per decoder layer and on the root), held as FP8 shards
         in each granularity; all-gather bytes counted against the bf16 FSDP2 run.
+    fsdp_refusals: small sharded models that cannot be held; every rank must refuse, leaving them as they were.
 """
 
 from __future__ import annotations
@@ -113,15 +114,18 @@ def fsdp(rank: int, world: int) -> dict:
         results = {"plain": plain, "dense_gathered": dense_gathered, "refusals": refusals}
         for granularity, options in GRANULARITIES.items():
             counter = AllGatherBytes()
-            with mock.patch.object(dist, "all_gather_single", counter), \
-                    fp8_weights(model, granularity=granularity, **options) as store:
+            with fp8_weights(model, granularity=granularity, **options) as store:
                 shards = {}
                 for name, entry in store.items():
                     slot = model.get_parameter(name)  # between forwards: FSDP2's sharded parameter
                     local = slot._local_tensor
                     shards[name] = (type(local).__name__, local.qdata.dtype, tuple(local.shape), tuple(slot.shape),
                                     slot.dtype)
-                out = model(input_ids=ids).last_hidden_state
+                with mock.patch.object(dist, "all_gather_single", counter):
+                    out = model(input_ids=ids).last_hidden_state
+                model.reshard()  # the root too, so that the next forward gathers everything again
+                # the next all-gathers land in the buffers the first FP8 weights view (fsdp_post_all_gather's out=)
+                assert torch.equal(model(input_ids=ids).last_hidden_state, out)
                 # after each layer's forward FSDP2 freed its all-gathered FP8 weight
                 freed = all(t.untyped_storage().nbytes() == 0 for record in _records(model)
                             for t in record.all_gather_outputs)
@@ -153,7 +157,45 @@ def fsdp(rank: int, world: int) -> dict:
     return results
 
 
-SCENARIOS = {"replicas": replicas, "fsdp": fsdp}
+def _sharded(model, example):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    with torch.no_grad():
+        model(example)  # FSDP2's lazy initialization
+    model.reshard()
+    return model
+
+
+def fsdp_refusals(rank: int, world: int) -> dict:
+    """What FSDP2 shards cannot be, refused on every rank with the model left as it was."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    rows, image = torch.randn(2, 16), torch.randn(1, 2 * world, 3, 3)
+    nan = nn.Sequential(nn.Linear(16, 2 * world))
+    with torch.no_grad():
+        nan[0].weight[-1, 0] = float("nan")  # in the last rank's shard only
+    cases = {
+        "uneven": (nn.Sequential(nn.Linear(16, 2 * world + 1)), rows, {}),
+        "block_straddles": (nn.Sequential(nn.Linear(16, 4 * world)), rows, {"granularity": "block", "block_size": 3}),
+        "channel_on_dim_1": (nn.Sequential(nn.ConvTranspose2d(2 * world, 3, 1)), image, {"granularity": "channel"}),
+        "nan_on_one_rank": (nan, rows, {"granularity": "channel"}),
+    }
+    messages = {}
+    for label, (model, example, options) in cases.items():
+        model = _sharded(model, example)
+        before = snapshot(model)
+        try:
+            with fp8_weights(model, **options):
+                pass
+        except FP8Error as error:
+            messages[label] = str(error)
+        assert_restored(model, before)
+    return messages
+
+
+SCENARIOS = {"replicas": replicas, "fsdp": fsdp, "fsdp_refusals": fsdp_refusals}
 
 
 def main() -> None:

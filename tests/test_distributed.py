@@ -126,3 +126,13 @@ def test_fsdp2_exit_after_an_error_and_the_refusals(launch, single_process):
         assert "initialized it yet" in refusals["before_first_forward"] and "one forward" in refusals["before_first_forward"]
         assert "model.reshard()" in refusals["unsharded_root"]
         assert "store= does not apply to FSDP2 shards" in refusals["store"]
+
+
+def test_fsdp2_shards_that_cannot_be_held_are_refused_on_every_rank(launch):
+    world, results = launch
+    for messages in results["fsdp_refusals"]:  # each rank also asserted its model was left as it was
+        assert f"has {2 * world + 1} rows over {world} ranks" in messages["uneven"]
+        assert "not a multiple of block_size 3" in messages["block_straddles"]
+        assert "per-channel scales on dim 1 span the sharded dim 0" in messages["channel_on_dim_1"]
+        # the NaN sits in the last rank's shard; every rank refuses (none is left waiting in a collective)
+        assert "contains NaN or Inf on some rank" in messages["nan_on_one_rank"]
