@@ -369,7 +369,7 @@ class Plan:
         layouts = [config.layout(target.channel_axis) for target in targets]
         sharded = _fsdp.check_sharded(module, targets, layouts, store is not None)
         fills = tuple(meta_fills(module, store, targets)) if store is not None else ()
-        return cls(module, tuple(targets), config, store, sharded, fills)
+        return cls(module, tuple(targets), config, store, sharded=sharded, fills=fills)
 
     def entries(self, progress_bar: bool | None = None) -> Iterator[tuple[Target, FP8Tensor]]:
         """Each target with its FP8 entry, made one at a time (so that a caller can swap in and offload
