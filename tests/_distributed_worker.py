@@ -7,8 +7,9 @@ outputs and measurements to ``<out>/<scenario>-rank<R>.pt`` for the test to comp
 Scenarios:
     replicas: one replica per rank, each inside its own ``fp8_weights`` block, on this rank's prompts.
     fsdp: the tower sharded with FSDP2 (``fully_shard`` per decoder layer and on the root), held as FP8 shards
-        in each granularity; all-gather bytes counted against the bf16 FSDP2 run.
+        in each granularity and with FP8 compute; all-gather bytes counted against the bf16 FSDP2 run.
     fsdp_refusals: small sharded models that cannot be held; every rank must refuse, leaving them as they were.
+    fsdp_mixed_precision: FSDP2's MixedPrecisionPolicy (bf16 compute) over float32 weights held as FP8.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ import fp8ctx  # noqa: E402
 from fp8ctx import FP8Error, fp8_weights  # noqa: E402
 
 PROMPTS_PER_RANK, TOKENS = 2, 12
-GRANULARITIES = {"tensor": {}, "channel": {}, "block": {"block_size": 8}}  # 8 rows: k_proj (32) on up to 4 ranks
+# the FSDP2 runs: each granularity (block 8: k_proj's 32 rows on up to 4 ranks), and FP8 compute through the gather
+HELD = {
+    "tensor": {"granularity": "tensor"},
+    "channel": {"granularity": "channel"},
+    "block": {"granularity": "block", "block_size": 8},
+    "channel-fp8-compute": {"granularity": "channel", "compute": "fp8"},
+}
 
 
 def prompts(world: int) -> torch.Tensor:
@@ -112,9 +119,9 @@ def fsdp(rank: int, world: int) -> dict:
         records = _records(model)
         sharded_before = [(record.sharded_param, record.all_gather_outputs) for record in records]
         results = {"plain": plain, "dense_gathered": dense_gathered, "refusals": refusals}
-        for granularity, options in GRANULARITIES.items():
+        for label, options in HELD.items():
             counter = AllGatherBytes()
-            with fp8_weights(model, granularity=granularity, **options) as store:
+            with fp8_weights(model, **options) as store:
                 shards = {}
                 for name, entry in store.items():
                     slot = model.get_parameter(name)  # between forwards: FSDP2's sharded parameter
@@ -129,7 +136,7 @@ def fsdp(rank: int, world: int) -> dict:
                 # after each layer's forward FSDP2 freed its all-gathered FP8 weight
                 freed = all(t.untyped_storage().nbytes() == 0 for record in _records(model)
                             for t in record.all_gather_outputs)
-                results[granularity] = {
+                results[label] = {
                     "out": out, "gathered": counter.bytes, "shards": shards, "freed_after_forward": freed,
                     "store_nbytes": store.nbytes, "dense_nbytes": store.dense_nbytes,
                 }
@@ -195,7 +202,39 @@ def fsdp_refusals(rank: int, world: int) -> dict:
     return messages
 
 
-SCENARIOS = {"replicas": replicas, "fsdp": fsdp, "fsdp_refusals": fsdp_refusals}
+def fsdp_mixed_precision(rank: int, world: int) -> dict:
+    """FSDP2 computing in bf16 (MixedPrecisionPolicy) over float32 weights held as FP8, and the same in one process:
+    the FP8 weight dequantized in float32, then cast to bf16, as FSDP2 casts a dense weight."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(16, 8 * world), nn.GELU(), nn.Linear(8 * world, 8))
+    twin, x = copy.deepcopy(model), torch.randn(4, 16)
+    mesh, policy = init_device_mesh("cpu", (world,)), MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    with torch.no_grad():
+        plain = model(x)
+        model.reshard()
+        before = snapshot(model)
+        with fp8_weights(model, granularity="channel"):
+            out = model(x)
+        model.reshard()
+        assert_restored(model, before)
+        with fp8_weights(twin, granularity="channel"):
+            twin.bfloat16()
+            expected = twin(x.bfloat16())
+    return {"out": out, "expected": expected, "plain": plain}
+
+
+SCENARIOS = {
+    "replicas": replicas, "fsdp": fsdp, "fsdp_refusals": fsdp_refusals, "fsdp_mixed_precision": fsdp_mixed_precision,
+}
 
 
 def main() -> None:

@@ -42,14 +42,15 @@ def launch(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_process():
-    """The same tower in one process: plain, and inside fp8_weights in each granularity, on every rank's prompts."""
+    """The same tower in one process: plain, and inside fp8_weights with each of the worker's options, on every
+    rank's prompts."""
     model = _models.qwen25vl_text_tower()
     ids = worker.prompts(max(RANKS))
     with torch.no_grad():
         runs = {"plain": model(input_ids=ids).last_hidden_state}
         runs["replicas"] = _fp8_run(model, ids, granularity="channel")
-        for granularity, options in worker.GRANULARITIES.items():
-            runs[granularity] = _fp8_run(model, ids, granularity=granularity, **options)
+        for label, options in worker.HELD.items():
+            runs[label] = _fp8_run(model, ids, **options)
     return model, runs
 
 
@@ -76,18 +77,20 @@ def test_fsdp2_shards_are_held_as_fp8_and_match_the_single_process_fp8_run(launc
     model, runs = single_process
     for rank, result in enumerate(results["fsdp"]):
         assert torch.equal(result["plain"], _rows(runs["plain"], rank))  # FSDP2 itself changes nothing on CPU
-        for granularity in worker.GRANULARITIES:
-            held = result[granularity]
+        for label in worker.HELD:
+            held = result[label]
             for name, (kind, storage, local_shape, shape, dtype) in held["shards"].items():
                 full = model.get_parameter(name)
                 assert kind == "FP8Shard" and storage == torch.float8_e4m3fn
                 assert shape == tuple(full.shape) and dtype == full.dtype  # what the model reports is unchanged
                 assert local_shape == (full.shape[0] // world, *full.shape[1:])  # this rank's rows only
-            assert torch.equal(held["out"], _rows(runs[granularity], rank)), f"rank {rank}, {granularity}"
+            assert torch.equal(held["out"], _rows(runs[label], rank)), f"rank {rank}, {label}"
             assert held["freed_after_forward"], "an all-gathered FP8 weight outlived its layer's forward"
 
 
-def _fp8_shard_bytes(model: nn.Module, world: int, granularity: str, block_size: int = 128) -> tuple[int, int, int]:
+def _fp8_shard_bytes(
+    model: nn.Module, world: int, granularity: str, block_size: int = 128, compute: str = "weight_only"
+) -> tuple[int, int, int]:
     """One rank's shards of the tower's Linear weights, from the shapes: (bf16 bytes, FP8 bytes all-gathered,
     FP8 bytes held). Codes and per-row/per-tile scales are gathered; a per-tensor scale is held by every rank."""
     dense = gathered = held = 0
@@ -109,11 +112,11 @@ def test_fsdp2_all_gather_carries_fp8_codes_and_scales(launch, single_process):
     world, results = launch
     model, _ = single_process
     for result in results["fsdp"]:
-        for granularity, options in worker.GRANULARITIES.items():
-            dense, gathered, held = _fp8_shard_bytes(model, world, granularity, **options)
-            run = result[granularity]
+        for label, options in worker.HELD.items():
+            dense, gathered, held = _fp8_shard_bytes(model, world, **options)
+            run = result[label]
             # the same all-gathers as the bf16 run (embedding, norms and biases unchanged), the weights in FP8
-            assert run["gathered"] == result["dense_gathered"] - dense + gathered, granularity
+            assert run["gathered"] == result["dense_gathered"] - dense + gathered, label
             assert run["store_nbytes"] == held and run["dense_nbytes"] == dense
 
 
@@ -136,3 +139,11 @@ def test_fsdp2_shards_that_cannot_be_held_are_refused_on_every_rank(launch):
         assert "per-channel scales on dim 1 span the sharded dim 0" in messages["channel_on_dim_1"]
         # the NaN sits in the last rank's shard; every rank refuses (none is left waiting in a collective)
         assert "contains NaN or Inf on some rank" in messages["nan_on_one_rank"]
+
+
+def test_fsdp2_mixed_precision_computes_in_its_param_dtype_from_the_fp8_weights(launch):
+    _, results = launch
+    for result in results["fsdp_mixed_precision"]:
+        assert result["out"].dtype == torch.bfloat16
+        assert torch.equal(result["out"], result["expected"])  # the one-process FP8 run converted with .bfloat16()
+        assert not torch.equal(result["out"], result["plain"]), "nothing was quantized"
