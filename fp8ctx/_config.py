@@ -52,9 +52,11 @@ class FP8Config:
         block_size: tile edge for ``"block"``; a positive int.
         layers: layer types whose ``weight`` is held as FP8 (subclasses included); default
             :data:`DEFAULT_LAYERS`. One type or an iterable of types.
-        exclude: layer-name patterns (fnmatch; a parent's name covers its children) and/or predicates
-            ``(name, module) -> bool`` to leave out; one rule or an iterable of rules (read once, kept as a
-            tuple, so a generator applies to every module).
+        exclude: layer names or patterns (fnmatch; a parent's name covers its children, a parameter name
+            such as ``"lm_head.weight"`` names its layer, a leading ``"*."`` also matches at the root) and/or
+            predicates ``(name, module) -> bool`` to leave out; one rule or an iterable of rules (read once,
+            kept as a tuple, so a generator applies to every module), e.g. a plan from :func:`fp8ctx.plan`.
+            A pattern that names no layer of the model raises :class:`FP8Error` when the model is given.
         compute: ``"weight_only"`` (default: activations stay in the compute dtype) or ``"fp8"`` (Linear
             layers also round activations to e4m3 per token and multiply in FP8; needs e4m3 storage and
             tensor or channel scales).

@@ -18,7 +18,7 @@ from ._config import Exclude, FP8Config
 from ._errors import FP8Error
 from ._hold import holding
 from ._options import check_components, check_originals, check_progress_bar, is_store_dict, resolve, stores_for
-from ._plan import Plan, check_overlap
+from ._plan import Plan, check_exclude, check_overlap
 from ._store import FP8Store
 from ._tensor import FP8Tensor
 from .integrations.pipelines import is_pipeline, pipeline_modules
@@ -112,8 +112,9 @@ def fp8_weights(
         store: stores to reuse instead of quantizing: one per module (a store, or a tuple/list), or for a
             pipeline the dict ``fp8_weights(pipe)`` gave. A stated storage dtype, granularity or block size
             must match its entries; ``layers`` / ``exclude`` keywords do not go with it.
-        components: for a pipeline, the components to hold; default ``("vae", "text_encoder")``, or the
-            names of a dict given as ``store``.
+        components: for a pipeline, the components to hold (a list of names, or one name as a string);
+            default those of ``("vae", "text_encoder")`` that the pipeline has loaded, or the names of a dict
+            given as ``store``.
         progress_bar: show a tqdm bar while quantizing; default only for many layers.
 
     Returns:
@@ -155,6 +156,7 @@ def fp8_weights(
                 )
         module_list = list(modules)
     stores = stores_for(store, names, len(module_list), options)
+    check_exclude(module_list, options.config.exclude)
     return FP8Weights(module_list, names, options.config, stores, originals, progress_bar)
 
 

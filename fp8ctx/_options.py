@@ -87,17 +87,20 @@ def check_progress_bar(progress_bar: object) -> bool | None:
 
 
 def check_components(components: object) -> list[str] | None:
-    """``components`` as a list of names (``None``: not given).
+    """``components`` as a list of names (``None``: not given); one string is one name (``"vae"``), not its
+    letters.
 
     Raises:
-        FP8Error: a single string, or anything but a list/tuple of strings.
+        FP8Error: anything but a string or a list/tuple of strings.
     """
     if components is None:
         return None
-    if isinstance(components, str) or not isinstance(components, (list, tuple)) or not all(
-        isinstance(name, str) for name in components
-    ):
-        raise FP8Error(f"components must be a list of component names, e.g. ['vae', 'text_encoder'], got {components!r}")
+    if isinstance(components, str):
+        return [components]
+    if not isinstance(components, (list, tuple)) or not all(isinstance(name, str) for name in components):
+        raise FP8Error(
+            f"components must be a component name or a list of them, e.g. ['vae', 'text_encoder'], got {components!r}"
+        )
     return list(components)
 
 

@@ -18,7 +18,7 @@ from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
 from ._errors import FP8Error
 from ._inventory import DenseEntry, DenseInventory, dense_inventory
 from ._options import check_originals, check_progress_bar, resolve, stores_for
-from ._plan import Plan
+from ._plan import Plan, check_exclude
 from ._store import FP8Store
 from .integrations.outputs import first_tensor
 
@@ -267,6 +267,8 @@ def report(
         )
         return Report("FP8Store", model.config, rows, None, None)
     stores_for(store, None, 1, options)
+    if store is None:
+        check_exclude([model], options.config.exclude)
     plan = Plan.make(model, options.config, store)
     targets = plan.targets
     if store is None:

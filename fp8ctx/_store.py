@@ -15,7 +15,7 @@ from ._config import Exclude, FP8Config
 from ._errors import FP8Error
 from ._layout import FP8Layout
 from ._options import check_progress_bar, resolve
-from ._plan import Plan, unquantized_tensors
+from ._plan import Plan, check_exclude, unquantized_tensors
 from ._progress import progress
 from ._storefile import UNQUANTIZED_DTYPES, check_device, read_store, write_store
 from ._tensor import FP8Tensor
@@ -123,6 +123,7 @@ class FP8Store(Mapping[str, FP8Tensor]):
             config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size, layers=layers,
             exclude=exclude,
         )
+        check_exclude([module], options.config.exclude)
         plan = Plan.make(module, options.config)
         entries = {target.name: entry for target, entry in plan.entries(check_progress_bar(progress_bar))}
         unquantized = None
@@ -180,6 +181,7 @@ class FP8Store(Mapping[str, FP8Tensor]):
             config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size, layers=layers,
             exclude=exclude,
         )
+        check_exclude([skeleton], options.config.exclude)
         entries, unquantized = read_checkpoint(
             skeleton, path, options.config, progress_bar=check_progress_bar(progress_bar), strict=strict
         )

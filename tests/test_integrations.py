@@ -316,3 +316,23 @@ def test_a_pipeline_is_recognised_by_its_components_and_asked_for_known_ones():
     assert list(pipeline_modules(pipe, None)) == list(DEFAULT_COMPONENTS)
     with pytest.raises(FP8Error, match=r"no module component\(s\) \['tokenizer'\].*\['text_encoder', 'vae'\]"):
         pipeline_modules(pipe, ["tokenizer"])
+
+
+def test_a_pipeline_without_a_default_component_holds_the_ones_it_has():
+    class Pipe:
+        def __init__(self) -> None:
+            self.vae = nn.Sequential(nn.Linear(2, 2))
+            self.components = {"vae": self.vae, "text_encoder": None, "transformer": nn.Linear(2, 2)}
+
+    pipe = Pipe()
+    with fp8_weights(pipe) as stores:  # text_encoder is None: the vae alone, no error
+        assert list(stores) == ["vae"] and isinstance(pipe.vae[0].weight, FP8Tensor)
+    with fp8_weights(pipe, components="transformer") as stores:  # one name, not the letters t, r, a, ...
+        assert list(stores) == ["transformer"]
+    with pytest.raises(FP8Error, match=r"\['text_encoder'\] set to None.*\['transformer', 'vae'\]"):
+        fp8_weights(pipe, components=["vae", "text_encoder"])
+    with pytest.raises(FP8Error, match=r"no module component\(s\) \['unet'\].*\['transformer', 'vae'\]"):
+        fp8_weights(pipe, components="unet")
+    pipe.components["vae"] = None
+    with pytest.raises(FP8Error, match=r"none of the default components.*\['transformer'\]"):
+        fp8_weights(pipe)

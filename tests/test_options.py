@@ -60,7 +60,7 @@ BAD = {
     "config": ("channel", "config"),
     "progress_bar": ("yes", "progress_bar"),
 }
-BAD_ELSEWHERE = {"run": ("model.decode", "run must be a function"), "components": ("vae", "components must be a list")}
+BAD_ELSEWHERE = {"run": ("model.decode", "run must be a function"), "components": ([3], "components must be a component name")}
 CALLS = {
     "report": (call_report, set(BAD) | {"run"}),
     "fp8_weights": (call_context, set(BAD) | {"components"}),

@@ -22,22 +22,34 @@ def is_pipeline(obj: Any) -> bool:
 
 
 def pipeline_modules(pipe: Any, components: Sequence[str] | None) -> dict[str, nn.Module]:
-    """The pipeline's module components named in ``components`` (default :data:`DEFAULT_COMPONENTS`), by name.
+    """The pipeline's module components named in ``components``, by name; without ``components``, those of
+    :data:`DEFAULT_COMPONENTS` that the pipeline has loaded (a component can be ``None``: a pipeline built
+    without its text encoder).
 
     Raises:
-        FP8Error: a name that is not a module component of the pipeline (lists the ones it has).
+        FP8Error: a name that is not a module component of the pipeline, or one that is ``None`` there (lists
+            the module components it has), or no default component loaded.
 
     Example:
         >>> class Pipe:
-        ...     components = {"vae": torch.nn.Linear(2, 2), "scheduler": object()}
-        >>> list(pipeline_modules(Pipe(), ["vae"]))
-        ['vae']
+        ...     components = {"vae": torch.nn.Linear(2, 2), "text_encoder": None, "scheduler": object()}
+        >>> list(pipeline_modules(Pipe(), None)), list(pipeline_modules(Pipe(), ["vae"]))
+        (['vae'], ['vae'])
     """
-    names = tuple(components) if components is not None else DEFAULT_COMPONENTS
     available = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
-    missing = [name for name in names if name not in available]
-    if missing:
-        raise FP8Error(
-            f"{type(pipe).__name__} has no module component(s) {missing}; components= takes some of {sorted(available)}"
-        )
-    return {name: available[name] for name in names}
+    kind = type(pipe).__name__
+    if components is None:
+        names = [name for name in DEFAULT_COMPONENTS if name in available]
+        if not names:
+            raise FP8Error(
+                f"{kind} has none of the default components {list(DEFAULT_COMPONENTS)} loaded; pass components= "
+                f"with some of its module components {sorted(available)}"
+            )
+        return {name: available[name] for name in names}
+    unloaded = [name for name in components if name in pipe.components and pipe.components[name] is None]
+    missing = [name for name in components if name not in available and name not in unloaded]
+    if missing or unloaded:
+        problems = [f"no module component(s) {missing}"] if missing else []
+        problems += [f"component(s) {unloaded} set to None (not loaded)"] if unloaded else []
+        raise FP8Error(f"{kind} has {' and '.join(problems)}; components= takes some of {sorted(available)}")
+    return {name: available[name] for name in components}
