@@ -57,6 +57,10 @@ def resolve(config: FP8Config | None, **keywords: Any) -> Options:
     if config is not None and not isinstance(config, FP8Config):
         raise FP8Error(f"config must be an fp8ctx.FP8Config, got {type(config).__name__}")
     changes = {name: value for name, value in keywords.items() if value is not None}
+    # a plan (fp8ctx.plan) given as the exclusion brings the layer types it chose among, unless layers= is given
+    planned = getattr(changes.get("exclude"), "config", None)
+    if isinstance(planned, FP8Config) and "layers" not in changes:
+        changes["layers"] = planned.layers
     base = config if config is not None else FP8Config()
     resolved = base.replace(**changes) if changes else base
     return Options(resolved, frozenset(changes), config is not None)
