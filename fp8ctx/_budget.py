@@ -18,7 +18,7 @@ from ._quality import check_metric, combine, describe, sample_errors
 from ._runs import caller, measuring, output_of
 from ._sensitivity import CANDIDATE_LAYERS, Sensitivity, held_output, measure_layers
 
-__all__ = ["CurvePoint", "FP8Plan", "plan"]
+__all__ = ["CurvePoint", "FP8Plan", "check_budget", "choose", "plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +155,7 @@ def plan(
         ...     sorted(store) == sorted(chosen.held)
         True
     """
-    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error >= 0:
-        raise FP8Error(f"max_error must be a number >= 0 (the budget in the metric's error form), got {max_error!r}")
+    max_error = check_budget(max_error)
     options = resolve(config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size,
                       layers=layers if layers is not None or config is not None else CANDIDATE_LAYERS,
                       exclude=exclude, compute=compute)
@@ -164,7 +163,18 @@ def plan(
     call = caller(inputs, run)
     check_exclude([model], options.config.exclude)
     measured = measure_layers(model, call, options.config, metric, progress_bar)
-    return choose(model, call, measured, float(max_error))
+    return choose(model, call, measured, max_error)
+
+
+def check_budget(max_error: object) -> float:
+    """``max_error`` as a float.
+
+    Raises:
+        FP8Error: not a number >= 0.
+    """
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error >= 0:
+        raise FP8Error(f"max_error must be a number >= 0 (the budget in the metric's error form), got {max_error!r}")
+    return float(max_error)
 
 
 def choose(model: nn.Module, call: Callable[[nn.Module], Any], measured: Sensitivity, max_error: float) -> FP8Plan:

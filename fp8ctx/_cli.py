@@ -12,6 +12,10 @@ import torch
 
 from ._config import FP8Config
 from ._errors import FP8Error
+from ._quality import METRICS
+
+DEFAULT = FP8Config()
+DEFAULT_ROWS = 12  # as fp8ctx._report.DEFAULT_ROWS, which imports more than --help needs
 
 __all__ = ["main"]
 
@@ -30,12 +34,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="local model or pipeline directory")
     report.add_argument("--component", action="append", metavar="NAME", help="pipeline component (repeatable); default vae and text_encoder")
-    report.add_argument("--granularity", choices=("tensor", "channel", "block"), default="channel")
+    report.add_argument(
+        "--granularity", choices=("tensor", "channel", "block"), default=DEFAULT.granularity.value,
+        help="scale granularity (default: %(default)s, as in the API; per-channel scales measured most accurate "
+        "for their cost, docs/accuracy.md)",
+    )
     report.add_argument("--block-size", type=int, default=128)
     report.add_argument("--storage-dtype", choices=("e4m3", "e5m2"), default="e4m3")
     report.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype the model is loaded in")
     report.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    report.add_argument("--rows", type=_count, default=12, help="layers shown, worst SQNR first (0: all)")
+    report.add_argument(
+        "--rows", type=_count, default=DEFAULT_ROWS,
+        help="layers shown, worst first: by output error alone where measured, else lowest SQNR (default: %(default)s; 0: all)",
+    )
+    report.add_argument("--metric", choices=METRICS, default="cosine", help="output metric of the verdict (default: %(default)s)")
+    report.add_argument(
+        "--max-error", type=float, metavar="E",
+        help="the verdict's budget in the metric's error form (1 - cosine, relative L2, 10^(-PSNR/10), 1 - SSIM); "
+        "default: cosine 1e-3, rel_l2 0.05, psnr 1e-4 (40 dB), ssim 0.01",
+    )
+    report.add_argument(
+        "--layer-errors", action="store_true",
+        help="measure each weight alone in FP8 (one run per weight); done anyway when the output is over budget",
+    )
     report.add_argument("--json", metavar="PATH", help="also write the full reports as JSON")
     report.add_argument("--verbose", action="store_true", help="log progress; show tracebacks")
     return parser
@@ -81,12 +102,14 @@ def _report(args: argparse.Namespace) -> int:
             run=subject.run,
             config=config,
             progress_bar=None if sys.stderr.isatty() else False,  # no bar frames in logs and pipes
+            # image metrics for image models; a text encoder beside a VAE is judged by cosine
+            metric=args.metric if args.metric in ("cosine", "rel_l2") or hasattr(subject.model, "decode") else "cosine",
+            max_error=args.max_error,
+            layer_errors=args.layer_errors,
         )
         results.append(result)
         print(f"== {subject.title}")
-        print(result.table(max_rows=args.rows or None))
-        if args.rows and len(result.layers) > args.rows:
-            print(f"({args.rows} of {len(result.layers)} weights shown, lowest SQNR first; --rows 0 shows all)")
+        print(result.table(max_rows=args.rows or None).replace("table(None) shows all", "--rows 0 shows all"))
         if subject.run is None:
             print("(no built-in input for this model type: weights only)")
         print("\n".join(result.summary_lines()))

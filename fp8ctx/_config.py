@@ -81,7 +81,7 @@ class FP8Config:
     """
 
     storage_dtype: torch.dtype = torch.float8_e4m3fn
-    granularity: Granularity = Granularity.TENSOR
+    granularity: Granularity = Granularity.CHANNEL
     block_size: int = 128
     layers: tuple[type[nn.Module], ...] = DEFAULT_LAYERS
     exclude: tuple[ExcludeRule, ...] = ()

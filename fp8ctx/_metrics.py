@@ -21,6 +21,8 @@ class OutputReport:
     cosine: float
     max_abs_error: float
     psnr_db: float | None
+    ssim: float | None = None
+    """Mean SSIM over images (torchmetrics; None without it, or for outputs that are not images)."""
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import dataclasses
 import html
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,15 +14,21 @@ from torch import nn
 
 from ._config import Exclude, FP8Config
 from ._context import fp8_weights
+from ._budget import check_budget, choose
 from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
-from ._errors import FP8Error
 from ._inventory import DenseEntry, DenseInventory, dense_inventory
 from ._options import check_originals, check_progress_bar, resolve, stores_for
 from ._plan import Plan, check_exclude
+from ._quality import check_metric, describe, sample_errors
+from ._runs import caller, measuring, output_of
+from ._sensitivity import measure_layers, model_bytes
 from ._store import FP8Store
-from .integrations.outputs import first_tensor
+from ._verdict import DEFAULT_BUDGETS, Verdict, decide
 
-__all__ = ["DenseEntry", "DenseInventory", "LayerReport", "OutputReport", "Report", "report"]
+__all__ = ["DEFAULT_ROWS", "DenseEntry", "DenseInventory", "LayerReport", "OutputReport", "Report", "report"]
+
+DEFAULT_ROWS = 12
+"""Rows a report shows unless asked for all: the worst ones."""
 
 logger = logging.getLogger("fp8ctx")
 
@@ -38,13 +44,19 @@ class LayerReport:
     fp8_bytes: int
     sqnr_db: float | None
     relative_error: float | None
+    output_error: float | None = None
+    """The model's output error (the report's metric, worst sample, error form) with this weight alone in
+    FP8; measured when the report is asked for it or the output is over budget."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """The result of :func:`report`: per-layer rows, totals, output error, the restore check, and what stays dense.
+    """The result of :func:`report`: per-layer rows, totals, output error, the verdict, the restore check, and
+    what stays dense.
 
-    Printing gives a terminal table; Jupyter shows an HTML table; ``to_dict()`` / ``to_pandas()`` give data.
+    Printing gives the worst rows (by per-layer output error where measured, else by weight SQNR), the totals
+    with the whole model's bytes, a one-line verdict with its thresholds and the next line of code to try;
+    Jupyter shows the same as HTML; ``table(None)`` has every row; ``to_dict()`` / ``to_pandas()`` give data.
     ``kept_dense`` lists every parameter left dense with the reason (None for a report on a store alone).
     """
 
@@ -54,6 +66,11 @@ class Report:
     output: OutputReport | None
     restored_exactly: bool | None
     kept_dense: DenseInventory | None = None
+    model_bytes: int | None = None
+    metric: str = "cosine"
+    max_error: float | None = None
+    output_error: float | None = None
+    verdict: Verdict | None = None
 
     @property
     def dense_bytes(self) -> int:
@@ -95,6 +112,11 @@ class Report:
                 "by_reason": self.kept_dense.by_reason(),
                 "entries": [dataclasses.asdict(entry) for entry in self.kept_dense.entries],
             },
+            "model_bytes": self.model_bytes,
+            "metric": self.metric,
+            "max_error": self.max_error,
+            "output_error": self.output_error,
+            "verdict": dataclasses.asdict(self.verdict) if self.verdict else None,
         }
         return _finite(data)
 
@@ -112,6 +134,11 @@ class Report:
             f"  weights: {_size(self.dense_bytes)} dense -> {_size(self.fp8_bytes)} FP8 "
             f"(saves {_size(self.saved_bytes)}, {self.fp8_bytes / max(self.dense_bytes, 1):.1%} of dense)",
         ]
+        if self.model_bytes:
+            lines.append(
+                f"  whole model: {_size(self.model_bytes)} -> {_size(self.model_bytes - self.saved_bytes)} "
+                f"(saves {self.saved_bytes / self.model_bytes:.1%} of every parameter and buffer)"
+            )
         if self.kept_dense is not None:
             total = self.dense_bytes + self.kept_dense.bytes
             lines.append(
@@ -123,45 +150,68 @@ class Report:
         if self.output is not None:
             out = self.output
             psnr = f", PSNR {out.psnr_db:.1f} dB" if out.psnr_db is not None else ""
+            psnr += f", SSIM {out.ssim:.5f}" if out.ssim is not None else ""
             lines.append(
                 f"  output vs unquantized: relative L2 {out.relative_l2:.2e}, cosine {out.cosine:.6f}, "
                 f"max |err| {out.max_abs_error:.2e}{psnr}"
             )
         if self.restored_exactly is not None:
             lines.append(f"  model restored bit-exact after the block: {'yes' if self.restored_exactly else 'NO'}")
+        if self.verdict is not None:
+            lines += [self.verdict.line, f"next: {self.verdict.next_code}"]
         return lines
 
-    def table(self, max_rows: int | None = None) -> str:
-        """The per-layer table as text; ``max_rows`` keeps the worst-SQNR rows."""
-        rows = list(self.layers)
-        if max_rows is not None and len(rows) > max_rows:
-            rows = sorted(rows, key=lambda r: r.sqnr_db if r.sqnr_db is not None else math.inf)[:max_rows]
-        header = _LAYER_COLUMNS
-        cells = [_layer_cells(row) for row in rows]
+    def worst(self, max_rows: int | None = DEFAULT_ROWS) -> list[LayerReport]:
+        """The rows, worst first: by per-layer output error where it was measured, else by lowest SQNR;
+        ``max_rows`` of them (``None``: all)."""
+        if any(row.output_error is not None for row in self.layers):
+            rows = sorted(self.layers, key=lambda r: -r.output_error if r.output_error is not None else math.inf)
+        else:
+            rows = sorted(self.layers, key=lambda r: r.sqnr_db if r.sqnr_db is not None else math.inf)
+        return rows if max_rows is None else rows[:max_rows]
+
+    def table(self, max_rows: int | None = DEFAULT_ROWS) -> str:
+        """The per-layer table as text, worst rows first (see :meth:`worst`); ``max_rows=None`` shows all."""
+        rows = self.worst(max_rows)
+        header = self._columns()
+        cells = [self._cells(row) for row in rows]
         widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*c) for c in cells]
+        if len(rows) < len(self.layers):
+            out.append(f"({len(rows)} of {len(self.layers)} weights shown, worst first; table(None) shows all)")
         return "\n".join(out)
 
     def dense_lines(self) -> list[str]:
         """The "kept dense" section: bytes per (layer type, reason), largest first (empty without an inventory)."""
         return [] if self.kept_dense is None else self.kept_dense.lines(_size)
 
+    def _columns(self) -> tuple[str, ...]:
+        measured = any(row.output_error is not None for row in self.layers)
+        return _LAYER_COLUMNS + ((f"alone: {self.metric}",) if measured else ())
+
+    def _cells(self, row: LayerReport) -> tuple[str, ...]:
+        cells = _layer_cells(row)
+        if len(self._columns()) > len(cells):
+            cells += ("-" if row.output_error is None else describe(row.output_error, self.metric).split()[-1],)
+        return cells
+
     def __str__(self) -> str:
         text = self.table() + "\n\n" + "\n".join(self.summary_lines())
         return text + ("\n\n" + "\n".join(self.dense_lines()) if self.kept_dense is not None else "")
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in _LAYER_COLUMNS)
+        head = "".join(f"<th>{h}</th>" for h in self._columns())
+        rows = self.worst()
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _layer_cells(row)) + "</tr>"
-            for row in self.layers
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in self._cells(row)) + "</tr>" for row in rows
         )
+        more = f"<p>{len(rows)} of {len(self.layers)} weights, worst first</p>" if len(rows) < len(self.layers) else ""
         summary = "<br>".join(html.escape(line) for line in self.summary_lines())
         dense = "<br>".join(html.escape(line).replace("  ", "&nbsp;&nbsp;") for line in self.dense_lines())
         return (
-            f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<div><p>{summary}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
             + (f"<p>{dense}</p>" if dense else "")
             + "</div>"
         )
@@ -225,6 +275,9 @@ def report(
     compute: str | None = None,
     originals: str | None = None,
     progress_bar: bool | None = None,
+    metric: str = "cosine",
+    max_error: float | None = None,
+    layer_errors: bool = False,
 ) -> Report:
     """Measure what FP8 storage does to ``model``: per-layer bytes and weight error, output error, restore.
 
@@ -242,6 +295,13 @@ def report(
         storage_dtype, granularity, block_size, layers, exclude, compute: as in :class:`FP8Config`.
         originals: as in :func:`fp8_weights`, for the run with FP8 weights.
         progress_bar: tqdm while quantizing; default only for many layers.
+        metric: the output metric the verdict and the per-layer errors use: ``"cosine"`` (default),
+            ``"rel_l2"``, ``"psnr"`` or ``"ssim"`` (see :func:`fp8ctx.plan`); worst sample.
+        max_error: the verdict's budget in the metric's error form; default ``DEFAULT_BUDGETS[metric]``
+            (cosine >= 0.999, relative L2 <= 0.05, PSNR >= 40 dB, SSIM >= 0.99).
+        layer_errors: also measure each weight alone in FP8 (one run per weight, as
+            :func:`fp8ctx.sensitivity`) and sort the rows by it. Done anyway when the output is over budget:
+            the planner then proposes the ``exclude=`` shown as the next line of code.
 
     Returns:
         A :class:`Report`.
@@ -258,8 +318,9 @@ def report(
     options = resolve(config, storage_dtype=storage_dtype, granularity=granularity, block_size=block_size,
                       layers=layers, exclude=exclude, compute=compute)
     originals, progress_bar = check_originals(originals), check_progress_bar(progress_bar)
-    if run is not None and not callable(run):
-        raise FP8Error(f"run must be a function run(model) -> output, got {type(run).__name__}")
+    metric = check_metric(metric)
+    budget = check_budget(DEFAULT_BUDGETS[metric] if max_error is None else max_error)
+    call = caller(inputs, run, required=False)
     if isinstance(model, FP8Store):
         rows = tuple(
             LayerReport(name, "?", tuple(entry.shape), entry.numel() * entry.element_size(), entry.nbytes, None, None)
@@ -271,6 +332,7 @@ def report(
         check_exclude([model], options.config.exclude)
     plan = Plan.make(model, options.config, store)
     targets = plan.targets
+    given_store = store is not None
     if store is None:
         store = FP8Store({target.name: entry for target, entry in plan.entries(progress_bar)})
         held_config = options.config
@@ -292,32 +354,44 @@ def report(
                 relative,
             )
         )
-    output = restored = None
-    if inputs is not None or run is not None:
-        call = run or _caller(inputs)
-        # both runs in eval mode: dropout would make the comparison noise, and batch-norm statistics
-        # updated by a training-mode forward would look like a failed restore
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                expected = first_tensor(call(model)).detach().clone()
-                before = fingerprint(model)  # after the plain run: buffers it creates lazily are in
-                with fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
-                    actual = first_tensor(call(model)).detach().clone()
-            restored = fingerprint(model) == before
-        finally:
-            for module, training in modes:
-                module.training = training
+    output = restored = output_error = planned = None
+    if call is not None:
+        with measuring(model):
+            expected = output_of(call, model)
+            before = fingerprint(model)  # after the plain run: buffers it creates lazily are in
+            with fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
+                actual = output_of(call, model)
+        restored = fingerprint(model) == before
         output = compare_outputs(actual, expected)
+        if _measurable(expected, "ssim"):
+            output = dataclasses.replace(output, ssim=1 - float(sample_errors(actual, expected, "ssim").mean()))
+        output_error = float(sample_errors(actual, expected, metric).max())  # raises for an image metric on a non-image
         logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
     kept_dense = DenseInventory(tuple(dense_inventory(model, targets, options.config)))
-    return Report(type(model).__name__, held_config, tuple(rows), output, restored, kept_dense)
+    over = output_error is not None and output_error > budget
+    if call is not None and output_error is not None and (layer_errors or over) and not given_store:
+        # each weight alone in FP8: the rows' worst-first order, and (over budget) the planner's proposal
+        measured = measure_layers(model, call, options.config, metric, progress_bar)
+        alone = {row.name: row.error for row in measured.rows}
+        rows = [dataclasses.replace(row, output_error=alone.get(row.name)) for row in rows]
+        if over:
+            chosen = choose(model, call, measured, budget)
+            planned = ([name.removesuffix(".weight") for name in chosen.dense], chosen.saved_bytes, chosen.measured_error)
+    lowest = min(((row.sqnr_db, row.name) for row in rows if row.sqnr_db is not None), default=None)
+    verdict = decide(metric, budget, output_error, lowest and (lowest[1], lowest[0]), held_config, planned,
+                     measured_layers=call is not None)
+    return Report(type(model).__name__, held_config, tuple(rows), output, restored, kept_dense, model_bytes(model),
+                  metric, budget, output_error, verdict)
 
 
-def _caller(inputs: Any) -> Callable[[nn.Module], Any]:
-    if isinstance(inputs, Mapping):
-        return lambda model: model(**inputs)
-    if isinstance(inputs, tuple):
-        return lambda model: model(*inputs)
-    return lambda model: model(inputs)
+def _measurable(expected: torch.Tensor, metric: str) -> bool:
+    """Whether ``metric`` applies to an output like ``expected`` (image metrics need images and torchmetrics)."""
+    if metric in ("cosine", "rel_l2"):
+        return True
+    if expected.dim() not in (4, 5) or (metric == "ssim" and min(expected.shape[-2:]) < 11):
+        return False
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -36,10 +36,10 @@ def measured(model, ids, **options):
 def test_the_plan_keeps_the_sensitive_layer_dense_and_its_error_is_measured():
     model, ids = stack()
     before = snapshot(model)
-    chosen = fp8ctx.plan(model, ids, max_error=1e-3)
+    chosen = fp8ctx.plan(model, ids, max_error=1e-3, granularity="tensor")
     assert_restored(model, before)
     assert "3.0.weight" in chosen.dense and "0.weight" in chosen.held  # embedding tables are candidates
-    error, store = measured(model, ids, exclude=chosen)  # exclude=plan: exactly the plan's weights
+    error, store = measured(model, ids, exclude=chosen, granularity="tensor")  # exclude=plan: the plan's weights
     assert sorted(store) == sorted(chosen.held) and "0.weight" in store
     assert error == pytest.approx(chosen.measured_error, rel=1e-9, abs=1e-15) and error <= 1e-3
     assert chosen.saved_bytes == sum(e.numel() * 4 - e.nbytes for e in store.values())
@@ -47,7 +47,7 @@ def test_the_plan_keeps_the_sensitive_layer_dense_and_its_error_is_measured():
     # the largest such set along the curve: holding one weight more breaks the budget (measured)
     k = len(chosen.held)
     assert k < len(chosen.curve) - 1 and chosen.curve[k + 1].measured_error > 1e-3
-    with fp8_weights(model, config=chosen.config) as same:  # the plan as one config
+    with fp8_weights(model, config=chosen.config) as same:  # the plan as one config (granularity included)
         assert sorted(same) == sorted(store)
 
 

@@ -143,7 +143,7 @@ def test_table_html_dict_and_pandas():
     pandas = pytest.importorskip("pandas")
     frame = result.to_pandas()
     assert isinstance(frame, pandas.DataFrame) and list(frame["name"]) == ["0.weight", "2.weight"]
-    assert result.table(max_rows=1).count("weight") == 1
+    assert sum(name in result.table(max_rows=1) for name in ("0.weight", "2.weight")) == 1
 
 
 def test_a_store_alone_reports_sizes():
