@@ -35,7 +35,7 @@ def tagger():
     return model, torch.randint(0, 40, (5, 7))
 
 
-def alone_in_fp8(model, ids, name, granularity="tensor"):
+def alone_in_fp8(model, ids, name, granularity):
     """The output with weight ``name`` replaced by the hand-written quantize-dequantize, nothing else."""
     weight = model.get_parameter(name)
     original = weight.detach().clone()
@@ -51,13 +51,13 @@ def alone_in_fp8(model, ids, name, granularity="tensor"):
 def test_each_row_is_the_output_error_of_that_weight_alone(metric):
     model, ids = tagger()
     before = snapshot(model)
-    result = fp8ctx.sensitivity(model, ids, metric=metric)
+    result = fp8ctx.sensitivity(model, ids, metric=metric)  # default: per-channel scales
     assert_restored(model, before)
     with torch.no_grad():
         expected = model(ids).double().flatten(1)
     assert sorted(row.name for row in result.rows) == ["conv.weight", "down.weight", "embed.weight", "up.weight"]
     for row in result.rows:
-        actual = alone_in_fp8(model, ids, row.name).double().flatten(1)
+        actual = alone_in_fp8(model, ids, row.name, "channel").double().flatten(1)
         if metric == "rel_l2":
             per_sample = (actual - expected).norm(dim=1) / expected.norm(dim=1)
         else:
@@ -65,7 +65,7 @@ def test_each_row_is_the_output_error_of_that_weight_alone(metric):
         assert row.error == pytest.approx(float(per_sample.max()), rel=1e-6, abs=1e-12)
         assert row.mean_error == pytest.approx(float(per_sample.mean()), rel=1e-6, abs=1e-12)
         weight = model.get_parameter(row.name).detach().double()
-        noise = (reference_qdq(weight.float(), "tensor").double() - weight).square().sum()
+        noise = (reference_qdq(weight.float(), "channel").double() - weight).square().sum()
         assert row.sqnr_db == pytest.approx(10 * math.log10(weight.square().sum() / noise), abs=1e-6)
         assert row.dense_bytes == weight.numel() * 4 and row.saved_bytes == weight.numel() * 4 - row.fp8_bytes
     assert [row.error_per_mib for row in result.rows] == sorted(row.error_per_mib for row in result.rows)
