@@ -194,8 +194,10 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype
         >>> dequantize(quantize(w, s, layout), s, layout, torch.bfloat16).shape
         torch.Size([8, 16])
     """
-    # FP8 -> float32 is exact; multiplying in float32 leaves a single rounding to `dtype`
-    return _rescaled(data.float(), scale, layout, divide=False).to(dtype)
+    # FP8 -> float32 is exact; multiplying in float32 leaves a single rounding to `dtype`. Contiguous like the
+    # weight it stands for: scales on axis 1 (ConvTranspose) come back permuted, and views (reshape) of a held
+    # weight are taken on this result
+    return _rescaled(data.float(), scale, layout, divide=False).to(dtype, memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()

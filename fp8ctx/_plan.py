@@ -74,12 +74,15 @@ def rule_matches(rule: str, layer_name: str, layer: nn.Module) -> bool:
     A rule names a layer when it matches the layer's name (fnmatch), a parent's name (``"decoder"`` covers
     ``"decoder.conv_in"``), or one of the layer's own parameters (``"decoder.conv_out.weight"``, a report row,
     names ``decoder.conv_out``). A leading ``"*."`` also matches at the root (``"*.lm_head"`` names a root-level
-    ``lm_head``), as users read it.
+    ``lm_head``), as users read it. A pattern ending in a wildcard (``"decoder.*"``) names children only.
     """
     patterns = (rule, rule[2:]) if rule.startswith("*.") else (rule,)
     for pattern in patterns:
         if fnmatch.fnmatchcase(layer_name, pattern) or fnmatch.fnmatchcase(layer_name, pattern + ".*"):
             return True
+        # a parameter is named by its own last component ("x.weight", "*.weight"); "x.*" means x's children
+        if re.search(r"[*?[]", pattern.rpartition(".")[2]):
+            continue
         prefix = f"{layer_name}." if layer_name else ""
         if any(fnmatch.fnmatchcase(prefix + name, pattern) for name, _ in layer.named_parameters(recurse=False)):
             return True

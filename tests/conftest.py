@@ -95,7 +95,7 @@ def assert_restored(model: nn.Module, before: Snapshot) -> None:
 
 def reference_qdq(
     weight: torch.Tensor,
-    granularity: str = "tensor",
+    granularity: str = "channel",  # the library's default
     block_size: int = 128,
     storage_dtype: torch.dtype = torch.float8_e4m3fn,
     channel_axis: int = 0,
@@ -131,7 +131,7 @@ def reference_qdq(
 
 def fake_quantized_copy(
     model: nn.Module,
-    granularity: str = "tensor",
+    granularity: str = "channel",  # the library's default
     block_size: int = 128,
     storage_dtype: torch.dtype = torch.float8_e4m3fn,
     layers: tuple[type, ...] | None = None,

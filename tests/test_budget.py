@@ -114,9 +114,9 @@ def test_minilm_plan_reaches_the_accuracy_target_and_saves_over_a_third_of_the_m
     model, batch = _minilm.load()
     default, _ = cosines(model, batch)  # every Linear in FP8: short of the target on these sentences
     assert not (default.mean() >= 0.9990 and default.min() >= 0.9950)
-    chosen = fp8ctx.plan(model, run=lambda m: _minilm.embed(m, batch), metric="cosine", max_error=0.002)
-    planned, store = cosines(model, batch, exclude=chosen)
-    assert planned.mean() >= 0.9990 and planned.min() >= 0.9950
+    chosen = fp8ctx.plan(model, run=lambda m: _minilm.embed(m, batch), metric="cosine", max_error=0.001)
+    planned, store = cosines(model, batch, exclude=chosen)  # every sentence within the budget: min >= 0.999
+    assert planned.mean() >= 0.9990 and planned.min() >= 0.9950 and planned.min() >= 1 - 0.001 - 1e-6
     whole = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )

@@ -19,7 +19,7 @@ accelerate = pytest.importorskip("accelerate")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def reference_pipeline(pipe, components=("vae", "text_encoder"), granularity="tensor"):
+def reference_pipeline(pipe, components=("vae", "text_encoder"), granularity="channel"):
     twin = copy.copy(pipe)
     for name in components:
         twin.register_modules(**{name: fake_quantized_copy(getattr(pipe, name), granularity)})

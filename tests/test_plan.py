@@ -311,3 +311,10 @@ def test_literal_names_match_exactly_that_layer():
         assert sorted(FP8Store.from_module(model, exclude=_plan.literal(name))) == sorted(
             f"{other}.weight" for other in model if other != name
         )
+
+
+def test_a_trailing_wildcard_names_children_not_the_layers_own_weight():
+    model = nn.ModuleDict({"block": nn.Linear(2, 2), "stack": nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))})
+    assert sorted(FP8Store.from_module(model, exclude="stack.*")) == ["block.weight"]
+    with pytest.raises(FP8Error, match="'block.\\*' matches no layer"):  # a leaf has no children
+        FP8Store.from_module(model, exclude="block.*")

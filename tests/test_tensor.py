@@ -517,3 +517,13 @@ def test_a_strided_view_of_the_whole_weight_stays_fp8_and_any_other_is_a_read_on
     assert type(part) is not FP8Tensor and torch.equal(part, weight.dequantize()[:3])
     with pytest.raises(FP8Error):
         part.add_(1)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_views_of_a_held_convtranspose_weight_follow_its_shape(granularity):
+    # ConvTranspose scales sit on axis 1: the dequantized weight must still be laid out like the original
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3)).bfloat16()
+    expected = reference_qdq(model[0].weight, granularity, 2, channel_axis=1)
+    with fp8_weights(model, granularity=granularity, block_size=2):
+        flat = model[0].weight.detach().contiguous().reshape(-1)
+        assert torch.equal(flat, expected.reshape(-1))
