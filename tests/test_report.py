@@ -152,3 +152,77 @@ def test_a_store_alone_reports_sizes():
     result = fp8ctx.report(store)
     assert result.fp8_bytes == store.nbytes and result.dense_bytes == store.dense_nbytes
     assert all(row.sqnr_db is None for row in result.layers)
+
+
+# -- the report as a decision tool -----------------------------------------------------------------------
+
+
+def sensitive_stack():
+    """Linear layers; layer 2's first row is 1e5 times the rest and layer 3 ignores that channel: with one
+    scale for the tensor, what reaches the output rounds into e4m3's subnormals (its SQNR looks fine)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(5)])
+    with torch.no_grad():
+        model[2].weight[0] *= 1e5
+        model[3].weight[:, 0] = 0.0
+    return model, torch.randn(6, 32)
+
+
+def test_over_budget_the_report_proposes_the_planners_exclusion_and_it_holds():
+    model, x = sensitive_stack()
+    before = snapshot(model)
+    result = fp8ctx.report(model, x, granularity="tensor", metric="cosine", max_error=1e-3)
+    assert_restored(model, before)
+    with torch.no_grad():
+        expected = model(x).double()
+        with fp8ctx.fp8_weights(model, granularity="tensor"):
+            actual = model(x).double()
+    worst = float((1 - torch.nn.functional.cosine_similarity(actual, expected, dim=1)).max())
+    assert result.output_error == pytest.approx(worst, rel=1e-9) and worst > 1e-3
+    assert result.verdict.line.startswith("verdict: OVER BUDGET — worst-sample cosine")
+    assert "budget cosine 0.99900" in result.verdict.line and "20 dB" in result.verdict.line
+    # the rows are worst first by the output error of each weight alone: the sensitive one leads
+    assert result.worst(1)[0].name == "2.weight" and all(row.output_error is not None for row in result.layers)
+    # the next line of code names the layers the planner keeps dense; running it meets the budget
+    code = result.verdict.next_code
+    assert code.startswith("with fp8ctx.fp8_weights(model, granularity='tensor', exclude=['")
+    dense = eval(code[code.index("exclude=") + len("exclude="): code.index("]):") + 1])  # the list as written
+    assert "2" in dense
+    with torch.no_grad(), fp8ctx.fp8_weights(model, granularity="tensor", exclude=dense):
+        planned = model(x).double()
+    assert float((1 - torch.nn.functional.cosine_similarity(planned, expected, dim=1)).max()) <= 1e-3
+    text = str(result)
+    assert "verdict: OVER BUDGET" in text and "next: with fp8ctx.fp8_weights" in text
+
+
+def test_within_budget_the_verdict_says_ok_and_rows_default_to_the_worst_by_sqnr():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(15)])
+    result = fp8ctx.report(model, torch.randn(4, 16), metric="rel_l2", max_error=0.5)
+    assert result.verdict.passed and result.verdict.line.startswith("verdict: OK — worst-sample relative L2")
+    assert result.verdict.next_code == "with fp8ctx.fp8_weights(model):"
+    assert all(row.output_error is None for row in result.layers)  # not measured unless asked or over budget
+    shown = result.worst()
+    assert len(shown) == fp8ctx._report.DEFAULT_ROWS == 12
+    assert [r.sqnr_db for r in shown] == sorted(r.sqnr_db for r in result.layers)[:12]
+    assert len(result.worst(None)) == 15 and "(12 of 15 weights shown" in result.table()
+    assert result.table(None).count(".weight") == 15
+    assert result.model_bytes == sum(p.numel() * 4 for p in model.parameters())
+    assert f"whole model: {fp8ctx._report._size(result.model_bytes)}" in str(result)
+    asked = fp8ctx.report(model, torch.randn(4, 16), layer_errors=True)  # on request: measured, sorted by it
+    errors = [row.output_error for row in asked.worst(None)]
+    assert None not in errors and errors == sorted(errors, reverse=True)
+
+
+def test_image_outputs_get_ssim_and_image_metrics_need_images():
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+    result = fp8ctx.report(decoder, torch.randn(2, 4, 16, 16), metric="psnr")
+    assert 0.9 < result.output.ssim <= 1 and result.metric == "psnr" and "SSIM" in str(result)
+    # the worst of two images: at least the batch's normalised MSE, at most twice it (same peak for both)
+    batch = 10 ** (-result.output.psnr_db / 10)
+    assert batch * (1 - 1e-6) <= result.output_error <= 2 * batch
+    with pytest.raises(fp8ctx.FP8Error, match="needs image outputs"):
+        fp8ctx.report(nn.Linear(4, 4), torch.randn(2, 4), metric="ssim")
+    with pytest.raises(fp8ctx.FP8Error, match="metric must be one of"):
+        fp8ctx.report(nn.Linear(4, 4), torch.randn(2, 4), metric="lpips")
