@@ -278,8 +278,9 @@ def test_exclude_takes_root_level_globs_and_parameter_names(exclude, excluded):
         lambda model, exclude: FP8Store.from_module(model, exclude=exclude),
         lambda model, exclude: fp8ctx_report(model, exclude=exclude),
         lambda model, exclude: fp8_weights(model, config=FP8Config(exclude=exclude)),
+        lambda model, exclude: FP8Store.from_checkpoint(model, "/no/checkpoint/read/before/this", exclude=exclude),
     ],
-    ids=["fp8_weights", "from_module", "report", "config"],
+    ids=["fp8_weights", "from_module", "report", "config", "from_checkpoint"],
 )
 def test_an_exclude_pattern_matching_nothing_raises_with_the_closest_names(call):
     model = RootHead()
