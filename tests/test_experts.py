@@ -11,7 +11,7 @@ from conftest import assert_restored, reference_qdq, snapshot
 from torch import nn
 
 from fp8ctx import FP8Config, FP8Store, FP8Tensor, fp8_weights
-from fp8ctx import _numerics
+from fp8ctx import _numerics, kernels
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -164,6 +164,39 @@ def test_experts_match_a_per_expert_reference_and_only_routed_experts_are_dequan
         matrices |= {tuple(weight.shape[1:]), tuple(weight.shape[1:])[::-1]}
     # every dense copy is one expert's matrix: never a whole 3-D tensor, nor a gathered stack of experts
     assert len(log.calls) == 4 and {shape for _, shape in log.calls} <= matrices, log.calls
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_bf16_experts_on_each_device_touch_only_the_routed_experts(arch, implementation, device, monkeypatch):
+    # on a GPU the Linear path is the fused kernel, which makes no dense copy: count the codes that reach it too
+    experts = experts_module(arch, implementation).to(device, torch.bfloat16)
+    reference = reference_experts(experts, "channel")
+    hidden = torch.randn(6, 32, device=device, dtype=torch.bfloat16)
+    index, weights = routing(6, used=[2, 7])
+    index, weights = index.to(device), weights.to(device, torch.bfloat16)
+    touched: list[int] = []
+    for module, name in ((_numerics, "dequantize"), (kernels, "linear")):
+        real = getattr(module, name)
+        position = 0 if name == "dequantize" else 1
+
+        def spy(*args, _real=real, _at=position, **kwargs):
+            touched.append(args[_at].data_ptr())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    before = snapshot(experts)
+    with torch.no_grad():
+        expected = reference(hidden, index, weights)
+        with fp8_weights(experts, granularity="channel"):
+            held = [experts._parameters[name] for name in ("gate_up_proj", "down_proj")]
+            actual = experts(hidden, index, weights)
+    assert_restored(experts, before)
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+    for weight in held:
+        starts = {weight.qdata[e].data_ptr(): e for e in range(EXPERTS)}
+        # the whole tensor starts where expert 0 does: not touching expert 0 means it was never read whole
+        assert sorted({starts[ptr] for ptr in touched if ptr in starts}) == [2, 7]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
