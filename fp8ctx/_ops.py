@@ -137,8 +137,12 @@ def _with_dense_weight(func: Callable[..., Any], input: Any, weight: FP8Tensor, 
 def _linear(input: torch.Tensor, weight: FP8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.value_dtype != weight.compute_dtype or _records_grad(input, bias):
         return _with_dense_weight(F.linear, input, weight, bias)
-    run = kernels.fp8_linear if weight.compute == "fp8" else kernels.linear
-    return run(input, weight.qdata, weight.scale, weight.fp8_layout, weight.compute_dtype, bias)
+    if weight.compute == "fp8":
+        # FP8 x FP8 GEMMs take the weight column-major: codes seen through .transposed() (a Conv1D or an expert
+        # stored (in, out)) are laid out again, one byte per element, for this call
+        data = weight.qdata.contiguous()
+        return kernels.fp8_linear(input, data, weight.scale, weight.fp8_layout, weight.compute_dtype, bias)
+    return kernels.linear(input, weight.qdata, weight.scale, weight.fp8_layout, weight.compute_dtype, bias)
 
 
 def _convolution(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -63,6 +63,20 @@ def test_gpt2_conv1d_weights_are_held_and_match_the_reference(granularity, linea
     assert len(linear_calls) == 9 and (96, 32) in linear_calls
 
 
+def test_gpt2_with_fp8_compute_runs_on_each_device(device):
+    # compute="fp8" multiplies FP8 codes in a GEMM that wants them column-major; Conv1D's are (in, out)
+    model = gpt2().to(device, torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4)).to(device)
+    before = snapshot(model)
+    with torch.no_grad():
+        with fp8_weights(model, granularity="channel"):
+            weight_only = model(ids).logits.float()
+        with fp8_weights(model, granularity="channel", compute="fp8"):
+            fp8_compute = model(ids).logits.float()
+    assert_restored(model, before)
+    assert ((fp8_compute - weight_only).norm() / weight_only.norm()).item() < 0.1
+
+
 def test_conv1d_follows_nn_linear_in_layers():
     model = gpt2()
     assert not any("c_attn" in name for name in FP8Store.from_module(model, layers=(nn.Conv2d,)))
