@@ -133,7 +133,12 @@ def _with_dense_weight(func: Callable[..., Any], input: Any, weight: FP8Tensor, 
     return func(input, dense, *args, **kwargs)
 
 
-@implements(F.linear)
+def _channel_first(input: Any, weight: Any, bias: Any = None) -> bool:
+    # the Linear path reads scales along dim 0; a weight grouped along dim 1 takes the dense route instead
+    return weight.dim() == 2 and weight.fp8_layout.channel_axis == 0 and weight.fp8_layout.batch_dims == 0
+
+
+@implements(F.linear, when=_channel_first)
 def _linear(input: torch.Tensor, weight: FP8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.value_dtype != weight.compute_dtype or _records_grad(input, bias):
         return _with_dense_weight(F.linear, input, weight, bias)
@@ -199,8 +204,8 @@ def _addmm_plain(input: Any, mat1: Any, mat2: Any, *, beta: Any = 1, alpha: Any 
 def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: FP8Tensor, **_: Any) -> torch.Tensor:
     # x @ W + b is F.linear(x, W.T, b): the (out, in) view of the codes takes the Linear path (fused on GPU)
     if input.dim() != 1:  # a full (rows, out) addend: not a bias
-        return _linear(mat1, mat2.transposed()) + input
-    return _linear(mat1, mat2.transposed(), input)
+        return F.linear(mat1, mat2.transposed()) + input
+    return F.linear(mat1, mat2.transposed(), input)
 
 
 # -- mixture-of-experts tensors (batched weights: experts x out x in) ------------------------------------
@@ -269,6 +274,20 @@ def _grouped_mm(
     start = 0
     for expert, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = _linear(mat_a[start:end], mat_b.matrix(expert).transposed())
+            out[start:end] = F.linear(mat_a[start:end], mat_b.matrix(expert).transposed())
         start = end
+    return out
+
+
+def _batched_matmul(input: Any, mat2: Any, **kwargs: Any) -> bool:
+    return not kwargs and input.dim() == 3 and mat2.dim() == 3 and _batched(mat2) and input.shape[0] == mat2.shape[0]
+
+
+@implements(torch.bmm, torch.Tensor.bmm, weight_at=1, weight_keyword="mat2", when=_batched_matmul)
+def _bmm(input: torch.Tensor, mat2: FP8Tensor) -> torch.Tensor:
+    # every expert over its own rows (Llama 4's experts: ``torch.bmm(x.view(experts, -1, in), experts_weight)``):
+    # one expert at a time on the Linear path instead of a dense copy of all of them
+    out = input.new_empty((*input.shape[:2], mat2.shape[-1]))
+    for expert in range(mat2.shape[0]):
+        out[expert] = F.linear(input[expert], mat2.matrix(expert).transposed())
     return out

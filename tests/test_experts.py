@@ -272,3 +272,32 @@ def test_an_expert_store_saves_and_loads_with_its_expert_axis(tmp_path):
     for name, entry in store.items():
         assert loaded[name].fp8_layout == entry.fp8_layout and entry.fp8_layout.batch_dims == 1
         assert torch.equal(loaded[name].dequantize(), entry.dequantize())
+
+
+def test_experts_multiplied_whole_with_bmm_run_one_expert_at_a_time(monkeypatch):
+    # Llama 4's experts take every token through every expert: torch.bmm(x.view(experts, -1, in), weight)
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    torch.manual_seed(0)
+    experts = Llama4TextExperts(Llama4TextConfig(hidden_size=32, intermediate_size=48, num_local_experts=4))
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0, 0.2)
+    twin = copy.deepcopy(experts)
+    with torch.no_grad():  # no is_transposed: fp8ctx groups each expert's scales along its dim 0 (per matrix)
+        for param in twin.parameters():
+            for e in range(param.shape[0]):
+                param[e] = reference_qdq(param[e], "channel", channel_axis=0)
+    hidden = torch.randn(4 * 3, 32)
+    log = DequantizeLog(monkeypatch)
+    before = snapshot(experts)
+    with torch.no_grad():
+        expected = twin(hidden)
+        with fp8_weights(experts, granularity="channel"):
+            held = [experts._parameters[name] for name in ("gate_up_proj", "down_proj")]
+            actual = experts(hidden)
+    assert_restored(experts, before)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert all(log.experts_used(weight) == [0, 1, 2, 3] for weight in held)
+    assert {shape for _, shape in log.calls} == {(96, 32), (32, 48)}  # one expert (out, in) at a time
