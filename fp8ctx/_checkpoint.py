@@ -138,7 +138,7 @@ def read_checkpoint(
     for name, value in without.items():  # the skeleton's own values (a loaded part), or derived buffers
         target = targets.get(name)
         if target is not None:
-            entries[name] = FP8Tensor.from_dense(value, config.layout(target.channel_axis), name=name)
+            entries[name] = FP8Tensor.from_dense(value, target.layout(config), name=name)
         else:
             unquantized[name] = value
     for reader in readers:
@@ -164,7 +164,7 @@ def _read(
         source, wanted = sources[name], tensors[name].dtype
         target = targets.get(name)
         if target is not None:
-            entries[name] = _quantize_streamed(source, wanted, config.layout(target.channel_axis), name)
+            entries[name] = _quantize_streamed(source, wanted, target.layout(config), name)
         else:
             value = source.reader.get(source.key)
             unquantized[name] = value if value.dtype == wanted else value.to(wanted)

@@ -19,7 +19,7 @@ from torch import nn
 from . import _fsdp
 from ._config import ExcludeRule, FP8Config
 from ._errors import FP8Error
-from ._layout import COMPUTE_DTYPES
+from ._layout import COMPUTE_DTYPES, FP8Layout
 from ._progress import progress
 from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice, offloaded_by_accelerate, under
@@ -58,6 +58,10 @@ class Target:
     param: nn.Parameter
     channel_axis: int
     batch_dims: int = 0
+
+    def layout(self, config: FP8Config) -> FP8Layout:
+        """The layout ``config`` stores this weight in (its channel axis and batch dims with the config's scheme)."""
+        return config.layout(self.channel_axis, self.batch_dims)
 
 
 def exclusion(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> ExcludeRule | None:
@@ -346,7 +350,7 @@ def quantize_target(target: Target, config: FP8Config) -> FP8Tensor:
     Raises:
         FP8Error: the weight holds NaN or Inf (names the parameter and how to leave its layer out).
     """
-    return FP8Tensor.from_dense(target.param, config.layout(target.channel_axis, target.batch_dims), name=target.name)
+    return FP8Tensor.from_dense(target.param, target.layout(config), name=target.name)
 
 
 def unquantized_tensors(module: nn.Module, targets: Sequence[Target]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -429,7 +433,7 @@ class Plan:
         if store is not None:
             _refuse_offloaded_entries(module, store)
         targets = targets_from_store(module, store) if store is not None else find_targets(module, config)
-        layouts = [config.layout(target.channel_axis) for target in targets]
+        layouts = [target.layout(config) for target in targets]
         sharded = _fsdp.check_sharded(module, targets, layouts, store is not None)
         fills = tuple(meta_fills(module, store, targets)) if store is not None else ()
         return cls(module, tuple(targets), config, store, sharded=sharded, fills=fills)
@@ -444,7 +448,7 @@ class Plan:
         for target in progress(self.targets, "fp8ctx: quantizing", progress_bar):
             record = self.sharded.get(id(target.param))
             if record is not None:  # this rank's FSDP2 shard, with the unsharded weight's scales
-                layout = self.config.layout(target.channel_axis)
+                layout = target.layout(self.config)
                 yield target, _fsdp.quantize_shard(record, target.param, layout, target.name)
             else:
                 yield target, quantize_target(target, self.config)

@@ -301,3 +301,22 @@ def test_experts_multiplied_whole_with_bmm_run_one_expert_at_a_time(monkeypatch)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert all(log.experts_used(weight) == [0, 1, 2, 3] for weight in held)
     assert {shape for _, shape in log.calls} == {(96, 32), (32, 48)}  # one expert (out, in) at a time
+
+
+def test_a_checkpoint_of_merged_expert_tensors_gives_the_store_of_the_loaded_model(tmp_path):
+    # the store made while streaming from disk holds each expert tensor like from_module does: per expert
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(qwen3_moe_config())
+    save_file({name: value.contiguous() for name, value in model.state_dict().items()}, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        skeleton = Qwen3MoeForCausalLM(qwen3_moe_config())
+    streamed = FP8Store.from_checkpoint(skeleton, tmp_path, granularity="block", block_size=16)
+    loaded = FP8Store.from_module(model, granularity="block", block_size=16)
+    experts = [name for name in loaded if name.endswith(("gate_up_proj", "down_proj"))]
+    assert len(experts) == 4
+    for name in experts:
+        assert streamed[name].fp8_layout == loaded[name].fp8_layout and streamed[name].fp8_layout.batch_dims == 1
+        assert torch.equal(streamed[name].qdata.view(torch.uint8), loaded[name].qdata.view(torch.uint8))
+        assert torch.equal(streamed[name].scale, loaded[name].scale)
