@@ -193,6 +193,26 @@ def test_accelerate_disk_offloaded_layers_are_refused_by_name_and_can_be_left_ou
     assert torch.equal(out, _fp8_run_on_one_device(twin, ids, exclude=["layers.1"]))
 
 
+def test_transformers_from_pretrained_device_map_holds_the_resident_layers(tmp_path):
+    from transformers import Qwen2_5_VLTextModel
+
+    model = _models.qwen25vl_text_tower()
+    model.save_pretrained(tmp_path / "model")
+    device_map = _models.text_tower_device_map(model, ["cpu", "disk"])
+    loaded = Qwen2_5_VLTextModel.from_pretrained(tmp_path / "model", device_map=device_map, dtype=torch.bfloat16,
+                                                 offload_folder=str(tmp_path / "offload"))
+    ids = torch.randint(0, _models.QWEN25VL_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(FP8Error, match=r"offloaded by accelerate \('layers\.1', 'norm'"):
+        with fp8_weights(loaded):
+            pass
+    resident = snapshot(loaded.layers[0])
+    with torch.no_grad(), fp8_weights(loaded, exclude=["layers.1"]) as held:
+        assert isinstance(loaded.layers[0].mlp.up_proj._parameters["weight"], FP8Tensor) and len(held) == 7
+        out = loaded(input_ids=ids).last_hidden_state
+    assert_restored(loaded.layers[0], resident)
+    assert torch.equal(out, _fp8_run_on_one_device(model, ids, exclude=["layers.1"]))
+
+
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
 
