@@ -6,7 +6,7 @@ itself.
 
 from __future__ import annotations
 
-import contextlib
+import sys
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Union
@@ -16,7 +16,7 @@ from torch import nn
 
 from ._config import Exclude, FP8Config
 from ._errors import FP8Error
-from ._hold import holding
+from ._hold import Hold
 from ._options import check_components, check_originals, check_progress_bar, is_store_dict, resolve, stores_for
 from ._plan import Plan, check_exclude, check_overlap
 from ._store import FP8Store
@@ -33,7 +33,9 @@ class FP8Weights:
     """The context manager :func:`fp8_weights` returns: plans when entered, holds inside, restores on exit.
 
     One object can be entered again after it has exited (it plans afresh each time); entering it while it is
-    active raises.
+    active raises. Its exit is resumable: if an interrupt (a second Ctrl-C) stops it part way,
+    :attr:`restored` is False and :meth:`restore` finishes it. An interrupted entry undoes itself the same
+    way (``with`` never calls ``__exit__`` when ``__enter__`` raises).
     """
 
     def __init__(
@@ -51,33 +53,56 @@ class FP8Weights:
         self._stores = stores
         self._originals = originals
         self._progress_bar = progress_bar
-        self._active: contextlib.AbstractContextManager[list[dict[str, FP8Tensor]]] | None = None
+        self._hold: Hold | None = None  # set before anything changes, cleared once everything is back
+
+    @property
+    def restored(self) -> bool:
+        """False from entering until the model is exactly as before: inside the block, or after an exit that
+        was interrupted (then call :meth:`restore`)."""
+        return self._hold is None
+
+    def restore(self) -> None:
+        """Finish restoring the model (an exit or entry that an interrupt stopped part way); idempotent.
+
+        Raises:
+            Whatever a restore step raised; the steps that failed stay pending, so it can be called again.
+        """
+        hold = self._hold
+        if hold is not None:
+            hold.close(None)
+            self._hold = None
 
     def __enter__(self) -> StoreResult:
-        if self._active is not None:
-            raise FP8Error("this fp8_weights() context is already active; call fp8_weights(...) again for a new one")
+        if self._hold is not None:
+            raise FP8Error(
+                "this fp8_weights() context is already active"
+                + ("" if self._hold.restored else " (or its last exit was interrupted: call .restore())")
+                + "; call fp8_weights(...) again for a new one"
+            )
         plans = [Plan.make(module, self._config, store) for module, store in zip(self._modules, self._stores)]
         check_overlap(plans)
-        active = holding(
-            plans, compute=self._config.compute, offload=self._originals == "cpu", progress_bar=self._progress_bar
-        )
-        held = active.__enter__()
-        self._active = active
-        stores = [
-            given if given is not None else FP8Store(entries)
-            for given, entries in zip(self._stores, held)
-        ]
-        if self._names is not None:
-            return dict(zip(self._names, stores))
-        return stores[0] if len(stores) == 1 else tuple(stores)
+        hold = Hold("fp8_weights", compute=self._config.compute, offload=self._originals == "cpu",
+                    progress_bar=self._progress_bar)
+        self._hold = hold  # from here on an interrupted entry can be completed by restore()
+        try:
+            held = hold.enter(plans)
+            stores = [given if given is not None else FP8Store(entries) for given, entries in zip(self._stores, held)]
+            return dict(zip(self._names, stores)) if self._names is not None else (
+                stores[0] if len(stores) == 1 else tuple(stores)
+            )
+        except BaseException:
+            self.restore()
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> bool:
-        active, self._active = self._active, None
-        if active is None:
-            return False
-        return bool(active.__exit__(exc_type, exc, traceback))
+        hold = self._hold
+        if hold is not None:
+            hold.close(exc)
+            if hold.restored:  # else (a restore step failed while exc propagated) restore() can retry
+                self._hold = None
+        return False
 
 
 def fp8_weights(
@@ -124,7 +149,8 @@ def fp8_weights(
     Raises:
         TypeError: an argument that is neither a module nor a pipeline.
         FP8Error: a bad option (here), or on entering a NaN/Inf or meta weight, a module that is already
-            inside the context, a store that does not fit. The model is left exactly as it was.
+            held (by another block or a running ``functional_call``, in any thread: checked atomically), a
+            store that does not fit. The model is left exactly as it was.
 
     Example:
         >>> vae = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3))
@@ -172,7 +198,8 @@ def functional_call(
     """Run ``module(*args, **kwargs)`` with the store's FP8 weights in place of its own.
 
     Like ``torch.func.functional_call``: the module is left untouched (same objects, bits and storage),
-    whatever the call does, and no original weight is moved.
+    whatever the call does, and no original weight is moved. Calls on one model from several threads (a
+    server sharing a text encoder) run one at a time, each entirely on FP8 weights.
 
     Args:
         module: the module the store was built from (or one with the same parameter names and shapes).
@@ -187,7 +214,8 @@ def functional_call(
         Whatever ``module`` returns.
 
     Raises:
-        FP8Error: a bad option, or a store that does not fit the module or contradicts ``config``.
+        FP8Error: a bad option, or a store that does not fit the module or contradicts ``config``; the module
+            is held by an ``fp8_weights`` block, or by a call of this same thread.
 
     Example:
         >>> encoder = torch.nn.Linear(16, 8)
@@ -203,6 +231,10 @@ def functional_call(
     stores_for(store, None, 1, options)
     if not isinstance(args, tuple):
         args = (args,)
-    plan = Plan.make(module, options.config, store)
-    with holding([plan], compute=options.config.compute, offload=False):
+    hold = Hold("functional_call", compute=options.config.compute, offload=False)
+    try:
+        hold.claim_tree(module)  # calls on one model from several threads run one at a time
+        hold.enter([Plan.make(module, options.config, store)])
         return module(*args, **(kwargs or {}))
+    finally:
+        hold.close(sys.exc_info()[1])

@@ -182,17 +182,6 @@ def _embedding(
     return kernels.embedding(input, weight.qdata, weight.scale, weight.fp8_layout, weight.compute_dtype)
 
 
-# NumPy arrays and Python lists cannot hold an FP8Tensor lazily: they get the dense values
-@implements(torch.Tensor.numpy, weight_at=0, weight_keyword="self")
-def _numpy(self: FP8Tensor, *args: Any, **kwargs: Any) -> Any:
-    return self.dequantize().numpy(*args, **kwargs)
-
-
-@implements(torch.Tensor.tolist, weight_at=0, weight_keyword="self")
-def _tolist(self: FP8Tensor) -> Any:
-    return self.dequantize().tolist()
-
-
 # -- transformers' Conv1D: a Linear stored (in, out), run as torch.addmm(bias, x, weight) -----------------
 
 

@@ -261,11 +261,12 @@ def select_targets(module: nn.Module, config: FP8Config) -> list[Target]:
             weight = layer._parameters[attribute]
             if id(weight) in chosen or id(weight) in excluded:
                 continue
-            name = canonical[id(weight)]
-            if isinstance(weight, FP8Tensor):
+            name = canonical.get(id(weight))
+            if name is None or isinstance(weight, FP8Tensor):  # None: swapped in by another thread since the walk
                 raise FP8Error(
-                    f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already. "
-                    "Enter one fp8_weights() per module, on the outermost module you need."
+                    f"weight {name or layer_name + '.' + attribute!r} is already held as FP8: this module is inside "
+                    "fp8_weights() or a running functional_call() already (in this or another thread). Enter one "
+                    "fp8_weights() per module, on the outermost module you need."
                 )
             if weight.dtype not in COMPUTE_DTYPES:
                 logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
@@ -296,7 +297,10 @@ def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> lis
         if not isinstance(entry, FP8Tensor):
             raise FP8Error(f"store entry {name!r} must be an FP8Tensor, got {type(entry).__name__}")
         if isinstance(param, FP8Tensor):
-            raise FP8Error(f"weight {name!r} is already held as FP8: this module is inside fp8_weights() already")
+            raise FP8Error(
+                f"weight {name or layer_name + '.weight'!r} is already held as FP8: this module is inside fp8_weights() or a running "
+                "functional_call() already (in this or another thread)"
+            )
         if param.shape != entry.shape or param.dtype != entry.dtype:
             raise FP8Error(
                 f"store entry {name!r} is {tuple(entry.shape)} {entry.dtype}, the parameter is "

@@ -16,7 +16,15 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ._errors import FP8Error
 
-__all__ = ["ReadOnlyTensor", "ReadOnlyView", "read_only", "refuse_python_writes", "refuse_writes"]
+__all__ = [
+    "ReadOnlyTensor",
+    "ReadOnlyView",
+    "read_only",
+    "read_only_array",
+    "refuse_export",
+    "refuse_python_writes",
+    "refuse_writes",
+]
 
 
 class ReadOnlyTensor(torch.Tensor):
@@ -39,8 +47,12 @@ class ReadOnlyView(ReadOnlyTensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         refuse_python_writes(func, args, kwargs)
+        if func is torch.Tensor.__dlpack__ and isinstance(args[0], ReadOnlyView):
+            raise refuse_export("DLPack export (torch.from_dlpack / np.from_dlpack)", args[0].param_name)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
+        if func in _ARRAY_EXPORTS and not kwargs.get("copy"):  # NumPy arrays over the temporary copy
+            return read_only_array(out)
         source = next((a for a in args if isinstance(a, ReadOnlyView)), None)
         if source is None:
             return out
@@ -55,6 +67,24 @@ def read_only(view: torch.Tensor, weight_name: str) -> ReadOnlyView:
     marked = view.as_subclass(ReadOnlyView)
     marked.param_name = weight_name
     return marked
+
+
+def read_only_array(array: Any) -> Any:
+    """``array`` (a NumPy array of a held weight's values) made read-only: a write could only reach a temporary
+    copy, so it raises (NumPy's ``ValueError: assignment destination is read-only``) instead of being lost."""
+    array.flags.writeable = False
+    return array
+
+
+def refuse_export(what: str, weight: str) -> FP8Error:
+    """The error for a protocol that would hand out writable memory of a held weight (DLPack)."""
+    return FP8Error(
+        f"{what} of weight {weight!r}: it is held as FP8 inside fp8_weights(), so a consumer's writes could only "
+        "reach a temporary dequantized copy. Export a dense copy (weight.dequantize()), or do this outside the block."
+    )
+
+
+_ARRAY_EXPORTS = {torch.Tensor.numpy, torch.Tensor.__array__}
 
 
 def _shares_storage(tensor: torch.Tensor, other: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -48,25 +48,62 @@ def _placeholder(param: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), float("nan"), dtype=param.dtype, device=param.device).expand(param.shape)
 
 
-def _follow_conversion(original: torch.Tensor | None, current: torch.Tensor, layout_at_swap: tuple[int, ...]) -> None:
-    """Apply to ``original`` a ``module.to(device / dtype / memory_format)`` that happened to its stand-in
-    inside the block.
+class _AtSwap(NamedTuple):
+    """What a stand-in was when swapped in, to tell what was done to it inside the block."""
+
+    stride: tuple[int, ...]
+    requires_grad: bool
+    shared: bool
+
+
+def _follow_conversion(original: torch.Tensor, current: torch.Tensor, at_swap: _AtSwap) -> None:
+    """Apply to ``original`` what was done to its stand-in inside the block: a ``module.to(device / dtype /
+    memory_format)``, a ``requires_grad_()`` or a ``share_memory()``.
 
     The stand-in's FP8 codes moved (see ``FP8Tensor``); the original Parameter, same object, gets the
-    same move, so after the block the model is where the user put it, with the original values.
+    same move, so after the block the model is where the user put it, with the original values. Safe to run
+    again (a resumed restore): once moved, nothing differs any more.
     """
-    relaid = current.stride() != layout_at_swap
-    if original is None or original.is_meta:  # a skeleton's tensor stays on meta: it has no values to move
+    if original.is_meta:  # a skeleton's tensor stays on meta: it has no values to move
         return
+    # model.requires_grad_(...) inside the block: an FP8 stand-in records the request (it gets no gradient)
+    wanted = getattr(current, "requested_grad", None)
+    if wanted is None and current.requires_grad != at_swap.requires_grad:
+        wanted = current.requires_grad
+    if wanted is not None and original.requires_grad != wanted:
+        original.requires_grad_(wanted)
+    if current.is_shared() and not at_swap.shared and not original.is_shared():
+        original.share_memory_()  # model.share_memory() inside the block
+    relaid = current.stride() != at_swap.stride and current.stride() != original.stride()
     if original.device == current.device and original.dtype == current.dtype and not relaid:
         return
     with torch.no_grad():
         moved = original.data.to(device=current.device, dtype=current.dtype)
         if relaid:  # module.to(memory_format=...) inside the block
             moved = moved.contiguous(memory_format=_memory_format(current))
-        original.data = moved
-        if original.grad is not None:  # as nn.Module._apply does: a gradient follows its parameter
-            original.grad = original.grad.to(device=current.device, dtype=current.dtype)
+        grad = original.grad
+        if grad is not None:  # as nn.Module._apply does: a gradient follows its parameter
+            original.grad = None
+            grad = grad.to(device=current.device, dtype=current.dtype)
+        if torch._has_compatible_shallow_copy_type(original, moved):
+            original.data = moved
+        else:  # module.to("meta") inside: as nn.Module._apply, a new tensor, but kept in the same Parameter object
+            torch.utils.swap_tensors(original, nn.Parameter(moved, requires_grad=original.requires_grad))
+        if grad is not None:
+            original.grad = grad
+
+
+def _relocate(module: nn.Module, stand_in: torch.Tensor, original: nn.Parameter) -> bool:
+    """Put ``original`` wherever ``stand_in`` was moved to under ``module`` inside the block, and say whether
+    it was found: ``torch.nn.utils.prune`` keeps it as ``weight_orig``, ``parametrize`` as
+    ``parametrizations.weight.original``; after the block they hold the original weight, not the FP8 one."""
+    found = False
+    for owner in module.modules():
+        for name, value in owner._parameters.items():
+            if value is stand_in:
+                owner._parameters[name] = original
+                found = True
+    return found
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
@@ -103,17 +140,23 @@ class Journal:
     def swap(self, module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
         """Put ``tensor`` in ``module._parameters[attribute]`` (no hooks fire, no attribute is added)."""
         original = module._parameters[attribute]
-        layout_at_swap = tensor.stride()
+        at_swap = _AtSwap(tensor.stride(), tensor.requires_grad, tensor.is_shared())
 
-        def put_back() -> None:
-            current = module._parameters[attribute]
+        def put_back() -> None:  # runs again after an interruption: each step checks what is left to do
+            current = module._parameters.get(attribute)
+            if current is original:
+                return
             if current is tensor:
-                _follow_conversion(original, current, layout_at_swap)
+                _follow_conversion(original, current, at_swap)
+            elif _relocate(module, tensor, original):  # pruned or parametrized inside the block
+                _follow_conversion(original, tensor, at_swap)
+                return
             else:
                 logger.warning(
-                    "fp8ctx: %s.%s was reassigned inside the block; the original Parameter is put back",
+                    "fp8ctx: %s.%s was %s inside the block; the original Parameter is put back",
                     type(module).__name__,
                     attribute,
+                    "deleted" if current is None else "reassigned",
                 )
             module._parameters[attribute] = original
 
@@ -148,6 +191,8 @@ class Journal:
         del original
 
         def bring_back() -> None:
+            # the values are written into new storage first and swapped in by one assignment: an interrupt
+            # leaves either the placeholder (and this step, to be run again) or the original values
             restored = torch.empty_strided(size, stride, dtype=host.dtype, device=device)
             restored.copy_(host, non_blocking=pinned)
             param.data = restored
@@ -202,16 +247,30 @@ class Journal:
         self._undo.append(bring_back)
         storage.resize_(0)
 
+    @property
+    def pending(self) -> int:
+        """How many recorded changes are not undone yet (0: everything is back)."""
+        return len(self._undo)
+
     def undo(self) -> None:
-        """Revert every recorded change, newest first; if some step fails, the rest still run, then the
-        first failure is raised."""
+        """Revert every recorded change, newest first. Resumable: a step leaves the record only once it has
+        run, so after an interruption (``KeyboardInterrupt``) calling ``undo()`` again finishes the job. If a
+        step fails, the rest still run, the failed ones stay recorded (:attr:`pending`), and the first
+        failure is raised."""
+        failed: list[Callable[[], None]] = []
         first_error: BaseException | None = None
-        while self._undo:
-            step = self._undo.pop()
-            try:
-                step()
-            except BaseException as error:  # keep restoring: a partial restore is the worst outcome
-                logger.error("fp8ctx: a restore step failed: %r", error)
-                first_error = first_error or error
+        try:
+            while self._undo:
+                step = self._undo[-1]
+                try:
+                    step()
+                except Exception as error:  # keep restoring: a partial restore is the worst outcome
+                    failed.append(step)
+                    first_error = first_error or error
+                    logger.error("fp8ctx: a restore step failed: %r", error)
+                self._undo.pop()
+        finally:
+            # failed steps go back on top (they are newer than the rest): a later undo() retries them first
+            self._undo.extend(reversed(failed))
         if first_error is not None:
             raise first_error

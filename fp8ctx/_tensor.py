@@ -3,7 +3,8 @@
 An ``FP8Tensor`` holds FP8 data plus float32 scales (see ``_numerics`` for the convention) and reports the
 original weight's dtype, shape and device. Layers that fp8ctx knows (Linear, Conv*, ConvTranspose*,
 Embedding) reach it through ``__torch_function__`` and run a dedicated path (the handlers of ``_ops``, which
-this module imports: importing the tensor is what registers them); every other read of it (``w.float()``,
+this module imports: importing the tensor is what registers them; ``_protocols`` likewise decides what NumPy,
+DLPack, storage access and sharing give); every other read of it (``w.float()``,
 ``w @ x``, ``w.T``...) falls through to ``__torch_dispatch__``, which dequantizes it first, so no caller ever
 sees raw FP8 codes. Writes into it raise (``_readonly``): an FP8 weight is read-only while held.
 """
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from . import _numerics, kernels
+from . import _numerics, _protocols, kernels  # noqa: F401  (_protocols registers its handlers)
 from ._errors import FP8Error
-from ._layout import COMPUTE_DTYPES, FP8Layout
+from ._layout import COMPUTE_DTYPES, FP8Layout, Granularity
 from ._ops import FUNCTIONS
 from ._readonly import ReadOnlyTensor, read_only, refuse_python_writes, refuse_writes
 
@@ -280,7 +281,13 @@ class FP8Tensor(ReadOnlyTensor):
         kwargs = kwargs or {}
         handler = FUNCTIONS.get(func)
         if handler is not None and handler.applies(FP8Tensor, args, kwargs):
-            return handler.run(*args, **kwargs)
+            out = handler.run(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out._is_view() and not out.requires_grad and torch.is_grad_enabled():
+                # the kernels compute under no_grad, and autograd refuses to record in-place ops on a view made
+                # there (`embeddings += position_embeddings` with grad enabled); a detached alias has no such
+                # history, and shares the values
+                out = out.detach()
+            return out
         refuse_python_writes(func, args, kwargs)
         # unlike torch.Tensor's default, results are never re-wrapped as FP8Tensor
         with torch._C.DisableTorchFunctionSubclass():
@@ -304,6 +311,12 @@ class FP8Tensor(ReadOnlyTensor):
             # them would be lost, so they must raise
             out = tree_map_only(torch.Tensor, lambda view: read_only(view, source.param_name), out)
         return out
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # pickle.dumps / torch.save (a held weight, a state_dict() taken inside the block, a store): the FP8
+        # weight itself; torch.load(weights_only=True) accepts it (see the allowlist below). The codes travel as
+        # bytes: torch's plain pickling of float8 storages cannot be loaded back
+        return _rebuild, (self._data.view(torch.uint8), self._scale, self._meta)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FP8Tensor:
         # copy.deepcopy(model) inside the block: the copy holds its own FP8 codes and scales
@@ -342,9 +355,19 @@ def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = No
     return source._rewrap(data, scale) if dtype is None else source._rewrap(data, scale, compute_dtype=dtype)
 
 
+def _rebuild(data: torch.Tensor, scale: torch.Tensor, meta: FP8Meta) -> FP8Tensor:
+    """An unpickled FP8 weight, checked like any codes and scales that come from outside."""
+    layout = meta.fp8_layout
+    codes = data.view(layout.storage_dtype) if isinstance(data, torch.Tensor) and data.dtype == torch.uint8 else data
+    weight = FP8Tensor.from_fp8(codes, scale, layout, meta.compute_dtype, name=meta.param_name, value_dtype=meta.value_dtype)
+    return weight if meta.compute == "weight_only" else weight.with_compute(meta.compute)
+
+
 def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:
     """Mark ``tensor`` as an ``nn.Parameter`` (torch's route for tensor subclasses) without grad."""
-    return torch.nn.Parameter(tensor, requires_grad=False)  # type: ignore[return-value]
+    param = torch.nn.Parameter(tensor, requires_grad=False)
+    vars(param).pop("requested_grad", None)  # Parameter() calls requires_grad_(False): not a user's request
+    return param  # type: ignore[return-value]
 
 
 def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: object) -> str:
@@ -380,3 +403,7 @@ def _meta_attribute(name: str) -> property:
 
 for _field in dataclasses.fields(FP8Meta):
     setattr(FP8Tensor, _field.name, _meta_attribute(_field.name))
+
+
+# torch.load(weights_only=True), the default since torch 2.6, unpickles only allowlisted globals
+torch.serialization.add_safe_globals([_rebuild, FP8Meta, FP8Layout, Granularity])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import pytest
@@ -434,3 +435,109 @@ def test_store_save_load_round_trip(tmp_path):
         assert torch.equal(loaded[name].dequantize(), store[name].dequantize())
         assert loaded[name].fp8_layout == store[name].fp8_layout and loaded[name].dtype == store[name].dtype
     assert torch.equal(functional_call(model, loaded, ids()), functional_call(model, store, ids()))
+
+
+# -- interrupts at the edges -----------------------------------------------------------------------------
+
+
+class InterruptAt:
+    """A tracer that raises ``KeyboardInterrupt`` at the ``at``-th line fp8ctx executes (1-based; 0: never),
+    as a Ctrl-C arriving there would; it counts the lines either way."""
+
+    def __init__(self, at: int = 0) -> None:
+        self.at, self.lines = at, 0
+
+    def __enter__(self) -> InterruptAt:
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+
+    def _call(self, frame, event, arg):  # type: ignore[no-untyped-def]
+        return self._line if frame.f_globals.get("__name__", "").startswith("fp8ctx") else None
+
+    def _line(self, frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "line":
+            self.lines += 1
+            if self.lines == self.at:
+                raise KeyboardInterrupt(f"injected at fp8ctx line {self.at}")
+        return self._line
+
+
+def interrupted_model() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4, bias=False))
+    net[3].weight = net[2].weight  # tied: two slots
+    return net
+
+
+def run_phase(ctx, phase: str, interrupt: InterruptAt, ending: BaseException | None) -> None:
+    """Enter and exit ``ctx``, the interrupt armed during ``phase``; the exit sees ``ending`` as the
+    exception that ended the block (a first Ctrl-C: the interrupt is then a second one)."""
+    if phase == "enter":
+        with interrupt:
+            ctx.__enter__()
+        ctx.__exit__(None, None, None)
+    else:
+        ctx.__enter__()
+        with interrupt:
+            ctx.__exit__(type(ending) if ending else None, ending, None)
+
+
+@pytest.mark.parametrize("originals", ["cpu", "keep"])
+@pytest.mark.parametrize(
+    "phase, ending",
+    [("enter", None), ("exit", None), ("exit", KeyboardInterrupt("first Ctrl-C"))],
+    ids=["enter", "exit", "exit after a first Ctrl-C"],
+)
+def test_an_interrupt_at_any_line_of_entry_or_exit_leaves_the_model_restored_or_restorable(
+    phase, originals, ending, device
+):
+    counting = InterruptAt()
+    run_phase(fp8_weights(interrupted_model().to(device), originals=originals), phase, counting, ending)
+    assert counting.lines > 20
+    for at in range(1, counting.lines + 1):
+        net = interrupted_model().to(device)
+        before = snapshot(net)
+        ctx = fp8_weights(net, originals=originals)
+        try:
+            run_phase(ctx, phase, InterruptAt(at), ending)
+        except KeyboardInterrupt:
+            pass
+        if ctx.restored:
+            assert_restored(net, before)  # exactly as before: nothing left to finish
+        else:
+            ctx.restore()  # recoverably held: finishing is one call, and idempotent
+            ctx.restore()
+            assert ctx.restored
+            assert_restored(net, before)
+        with fp8_weights(net, originals=originals):  # nothing of the interrupted hold is left: it can be held again
+            pass
+        assert_restored(net, before)
+
+
+def test_restore_after_an_interrupted_exit_finishes_and_says_so(monkeypatch):
+    net = interrupted_model()
+    before = snapshot(net)
+    ctx = fp8_weights(net)
+    ctx.__enter__()
+    assert not ctx.restored
+    calls = []
+    real = fp8ctx._hold.Hold.close
+
+    def interrupted_once(hold, propagating):  # a Ctrl-C before the restore could start
+        calls.append(propagating)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(hold, propagating)
+
+    monkeypatch.setattr(fp8ctx._hold.Hold, "close", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.__exit__(None, None, None)
+    assert not ctx.restored and isinstance(net[0]._parameters["weight"], FP8Tensor)
+    with pytest.raises(FP8Error, match="call .restore()"):
+        ctx.__enter__()
+    ctx.restore()
+    assert ctx.restored
+    assert_restored(net, before)

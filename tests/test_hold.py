@@ -79,7 +79,8 @@ def test_the_exception_that_ends_the_block_propagates_and_a_failed_restore_is_lo
     assert caught.value is raised
     assert "restoring the model failed while Boom was propagating" in caplog.text
     with pytest.raises(RuntimeError, match="restore failed"):  # nothing propagating: the failure is raised
-        with holding([Plan.make(net, FP8Config())], compute="weight_only", offload=False):
+        other = model()  # `net` stays claimed: as far as the journal knows, its restore failed
+        with holding([Plan.make(other, FP8Config())], compute="weight_only", offload=False):
             pass
 
 
@@ -87,18 +88,15 @@ def test_both_public_faces_hold_through_the_one_mechanism(monkeypatch):
     net = model()
     store = FP8Store.from_module(net)
     used = []
-    real = _hold.holding
+    real = _hold.Hold.enter
 
-    def recording(plans, **options):
-        used.append((len(plans), options["offload"], options["compute"]))
-        return real(plans, **options)
+    def recording(hold, plans):
+        used.append((hold._claim.kind, len(plans), hold._offload, hold._compute))
+        return real(hold, plans)
 
-    monkeypatch.setattr(_hold, "holding", recording)
-    import fp8ctx._context as context
-
-    monkeypatch.setattr(context, "holding", recording)
+    monkeypatch.setattr(_hold.Hold, "enter", recording)
     x = torch.randn(2, 4)
     out = functional_call(net, store, x)
     with fp8_weights(net, store=store, originals="keep"):
         assert torch.equal(net(x), out)
-    assert used == [(1, False, "weight_only"), (1, False, "weight_only")]
+    assert used == [("functional_call", 1, False, "weight_only"), ("fp8_weights", 1, False, "weight_only")]

@@ -67,3 +67,58 @@ def test_numpy_and_tolist_give_the_dequantized_values():
     w = fp8(weight)
     assert torch.equal(torch.from_numpy(w.numpy()), reference_qdq(weight, "channel"))
     assert torch.equal(torch.tensor(torch.Tensor.tolist(w)), reference_qdq(weight, "channel"))
+
+
+# -- outputs autograd can update in place ------------------------------------------------------------
+
+
+class Embeds(torch.nn.Module):
+    """A text model's embedding step: looked-up rows updated in place while autograd records."""
+
+    def __init__(self, tie: bool) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Embedding(20, 8)
+        self.positions = torch.nn.Embedding(6, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.mix = torch.nn.Linear(8, 8)
+        if tie:
+            self.head.weight = self.tokens.weight
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor, update: str) -> torch.Tensor:
+        rows = self.tokens(ids)
+        if update == "+= positions":
+            rows += self.positions(torch.arange(ids.shape[1])) * image
+        elif update == "[mask] = image":
+            rows[ids > 10] = image.expand_as(rows)[ids > 10]
+        elif update == "linear output +=":  # a Linear's 3-d output (a view of its 2-d product) updated in place
+            rows = self.mix(rows)
+            rows += image
+        return self.head(rows)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "head tied to the table"])
+@pytest.mark.parametrize("update", ["+= positions", "[mask] = image", "linear output +="])
+def test_in_place_updates_of_looked_up_rows_are_recorded_by_autograd_as_without_fp8(update, tie):
+    from conftest import fake_quantized_copy
+
+    from fp8ctx import fp8_weights
+
+    torch.manual_seed(0)
+    net = Embeds(tie)
+    layers = (torch.nn.Linear, torch.nn.Embedding)
+    twin = fake_quantized_copy(net, "channel", layers=layers)
+    ids = torch.randint(0, 20, (2, 6))
+    image = torch.randn(1, 1, 8)
+    grads = []
+    for model, held in ((twin, False), (net, True)):
+        source = image.clone().requires_grad_()
+        if held:
+            with fp8_weights(model, granularity="channel", layers=layers):
+                out = model(ids, source, update)
+        else:
+            out = model(ids, source, update)
+        out.square().sum().backward()
+        grads.append((out.detach(), source.grad))
+    (expected, expected_grad), (got, got_grad) = grads
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)

@@ -189,3 +189,53 @@ def test_keywords_override_a_config_and_every_entry_point_takes_one():
     assert torch.equal(functional_call(model, store, X, config=config), out)
     result = fp8ctx.report(model, X, config=config)
     assert result.config == config and [row.name for row in result.layers] == list(store)
+
+
+# -- issue 10 point 6: each option means what it says, at its edges ----------------------------------
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, "yes", "False"])
+@pytest.mark.parametrize("call", [call_context, call_from_module, call_report], ids=["fp8_weights", "from_module", "report"])
+def test_progress_bar_takes_only_true_false_or_none(call, value, nothing_runs):
+    with pytest.raises(FP8Error, match="progress_bar must be True, False or None"):
+        call(tower(), progress_bar=value)
+
+
+@pytest.mark.parametrize("spelling", ["e5m2", "float8_e5m2", torch.float8_e5m2])
+def test_every_spelling_of_a_storage_dtype_is_taken_by_every_entry_point(spelling):
+    model = tower()
+    assert FP8Config(storage_dtype=spelling).storage_dtype == torch.float8_e5m2
+    assert {e.storage_dtype for e in FP8Store.from_module(model, storage_dtype=spelling).values()} == {torch.float8_e5m2}
+    with fp8_weights(model, storage_dtype=spelling) as store:
+        assert model.head.weight.storage_dtype == torch.float8_e5m2
+    assert fp8ctx.report(model, X, storage_dtype=spelling).config.storage_dtype == torch.float8_e5m2
+    assert functional_call(model, store, X).shape == (2, 4)
+
+
+@pytest.mark.parametrize("block_size", [16, 8192, 40000])
+def test_a_block_larger_than_the_weight_holds_the_weight_without_padding(block_size):
+    from conftest import reference_qdq
+
+    layer = nn.Linear(8, 8)
+    entry = FP8Store.from_module(layer, granularity="block", block_size=block_size)["weight"]
+    assert entry.qdata.shape == (8, 8) and entry.scale.shape == (1, 1)  # codes of the weight only, one scale
+    assert torch.equal(entry.dequantize(), reference_qdq(layer.weight, "block", block_size))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize(
+    "build, x",
+    [
+        (lambda: nn.Linear(4, 0), torch.randn(2, 4)),
+        (lambda: nn.Linear(0, 4), torch.randn(2, 0)),
+    ],
+    ids=["Linear(4, 0)", "Linear(0, 4)"],
+)
+def test_layers_without_output_channels_run_and_restore(build, x, granularity):
+    layer = build()
+    before = snapshot(layer)
+    expected = layer(x)
+    with fp8_weights(layer, granularity=granularity):
+        out = layer(x)
+    assert out.shape == expected.shape
+    assert_restored(layer, before)
