@@ -6,7 +6,6 @@ itself.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Union
@@ -232,9 +231,13 @@ def functional_call(
     if not isinstance(args, tuple):
         args = (args,)
     hold = Hold("functional_call", compute=options.config.compute, offload=False)
+    error: BaseException | None = None
     try:
         hold.claim_tree(module)  # calls on one model from several threads run one at a time
         hold.enter([Plan.make(module, options.config, store)])
         return module(*args, **(kwargs or {}))
+    except BaseException as raised:
+        error = raised
+        raise
     finally:
-        hold.close(sys.exc_info()[1])
+        hold.close(error)
