@@ -273,3 +273,62 @@ def test_offload_storage_frees_device_memory_and_brings_the_same_bytes_back_into
     journal.undo()
     assert padded.untyped_storage().data_ptr() == storage.data_ptr()  # the same storage, re-allocated
     assert torch.equal(padded.cpu().view(torch.int16), bits) and torch.equal(shard.cpu(), padded.view(1024, 2048)[:1000].cpu())
+
+
+def _swapped_layers(count: int = 3) -> tuple[list[nn.Linear], list[nn.Parameter], Journal]:
+    layers = [nn.Linear(2, 2) for _ in range(count)]
+    originals = [layer.weight for layer in layers]
+    journal = Journal()
+    for layer in layers:
+        journal.swap(layer, "weight", nn.Parameter(torch.zeros(2, 2)))
+    return layers, originals, journal
+
+
+def test_an_interrupted_undo_is_finished_by_calling_it_again():
+    layers, originals, journal = _swapped_layers()
+    step = journal._undo[1]
+    interrupted = []
+
+    def interrupted_once() -> None:  # a Ctrl-C inside the second step to run
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        step()
+
+    journal._undo[1] = interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        journal.undo()
+    assert journal.pending == 2  # the interrupted step stays recorded, and so does the one below it
+    assert layers[2].weight is originals[2] and layers[0].weight is not originals[0]
+    journal.undo()
+    journal.undo()  # idempotent once done
+    assert journal.pending == 0
+    assert all(layer.weight is original for layer, original in zip(layers, originals))
+
+
+def test_a_failing_undo_step_stays_pending_and_the_rest_still_run():
+    layers, originals, journal = _swapped_layers()
+    step = journal._undo[1]
+    failures = []
+
+    def fails_once() -> None:
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("restore step failed")
+        step()
+
+    journal._undo[1] = fails_once
+    with pytest.raises(RuntimeError, match="restore step failed"):
+        journal.undo()
+    assert journal.pending == 1 and layers[0].weight is originals[0] and layers[2].weight is originals[2]
+    journal.undo()
+    assert journal.pending == 0 and layers[1].weight is originals[1]
+
+
+def test_putting_back_twice_is_harmless_and_a_deleted_slot_gets_the_original_back(caplog):
+    layers, originals, journal = _swapped_layers(1)
+    del layers[0].weight
+    journal._undo[0]()  # the step ran, but an interrupt came before it left the record
+    journal.undo()
+    assert layers[0].weight is originals[0]
+    assert "deleted inside the block" in caplog.text
