@@ -8,8 +8,9 @@ foreign memory (``np.from_dlpack`` did), crash (``torch.from_dlpack``, ``share_m
   are read-only, since a write could only reach a temporary copy (``np.array(weight)`` copies: writable).
 - DLPack (``__dlpack__``: ``torch.from_dlpack``, ``np.from_dlpack``): refused, as a consumer may write through
   it; ``weight.dequantize()`` is the dense copy to export.
-- storage access (``untyped_storage()``, ``storage()``, ``data_ptr()``): refused, there is no dense storage
-  (torch's own machinery, which only records the wrapper's empty storage, still gets it).
+- storage access (``untyped_storage()``, ``storage()``): refused, there is no dense storage (torch's own
+  machinery, which only records the wrapper's empty storage, still gets it). ``data_ptr()`` is the FP8 codes'
+  address: libraries ask it for alignment and identity.
 - sharing (``share_memory_()``, ``is_shared()``): applied to the FP8 codes and scales (``model.share_memory()``
   inside the block works; on exit the original weight is shared too).
 - pickling and ``torch.save`` (``FP8Tensor.__reduce_ex__``): the FP8 weight itself, codes, scales and scheme.
@@ -79,16 +80,28 @@ def _no_storage(method: Any) -> Any:
 _PASSING = ("fp8ctx.", "torch.overrides", "torch._tensor")
 
 
-def _called_by_torch() -> bool:
-    """Whether the nearest caller, past the frames that only pass the call on, is torch's own code."""
+def _caller_module() -> str:
+    """The module of the nearest caller, past the frames that only pass the call on."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_PASSING):
         frame = frame.f_back
-    return frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torch"
+    return "" if frame is None else str(frame.f_globals.get("__name__", ""))
 
 
-for _method in (torch.Tensor.untyped_storage, torch.Tensor.storage, torch.Tensor.data_ptr):
+def _called_by_torch() -> bool:
+    """Whether the nearest caller, past the frames that only pass the call on, is torch's own code."""
+    return _caller_module().split(".")[0] == "torch"
+
+
+for _method in (torch.Tensor.untyped_storage, torch.Tensor.storage):
     implements(_method, weight_at=0, weight_keyword="self")(_no_storage(_method))
+
+
+@implements(torch.Tensor.data_ptr, weight_at=0, weight_keyword="self")
+def _data_ptr(self: FP8Tensor) -> int:
+    # an address, not values: libraries ask it for alignment and identity (transformers' grouped_mm check);
+    # the FP8 codes' address answers both truthfully and points at memory that exists
+    return self.qdata.data_ptr()
 
 
 @implements(torch.Tensor.share_memory_, weight_at=0, weight_keyword="self")
@@ -107,5 +120,8 @@ def _is_shared(self: FP8Tensor) -> bool:
 def _requires_grad(self: FP8Tensor, requires_grad: bool = True) -> FP8Tensor:
     # a held weight gets no gradient inside the block; the request (model.requires_grad_(False) to freeze it)
     # is kept for the original, which takes it on exit like every weight that was not held
-    self.requested_grad = bool(requires_grad)
+    # nn.Parameter(weight) calls it too (wrapping a stand-in, or module.to() inside the block re-wrapping one):
+    # that is the wrapper's own flag, not a request
+    if _caller_module() != "torch.nn.parameter":
+        self.requested_grad = bool(requires_grad)
     return self

@@ -365,9 +365,7 @@ def _rebuild(data: torch.Tensor, scale: torch.Tensor, meta: FP8Meta) -> FP8Tenso
 
 def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:
     """Mark ``tensor`` as an ``nn.Parameter`` (torch's route for tensor subclasses) without grad."""
-    param = torch.nn.Parameter(tensor, requires_grad=False)
-    vars(param).pop("requested_grad", None)  # Parameter() calls requires_grad_(False): not a user's request
-    return param  # type: ignore[return-value]
+    return torch.nn.Parameter(tensor, requires_grad=False)  # type: ignore[return-value]
 
 
 def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: object) -> str:
