@@ -80,7 +80,6 @@ class Embeds(torch.nn.Module):
         self.tokens = torch.nn.Embedding(20, 8)
         self.positions = torch.nn.Embedding(6, 8)
         self.head = torch.nn.Linear(8, 20, bias=False)
-        self.mix = torch.nn.Linear(8, 8)
         if tie:
             self.head.weight = self.tokens.weight
 
@@ -90,14 +89,11 @@ class Embeds(torch.nn.Module):
             rows += self.positions(torch.arange(ids.shape[1])) * image
         elif update == "[mask] = image":
             rows[ids > 10] = image.expand_as(rows)[ids > 10]
-        elif update == "linear output +=":  # a Linear's 3-d output (a view of its 2-d product) updated in place
-            rows = self.mix(rows)
-            rows += image
         return self.head(rows)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "head tied to the table"])
-@pytest.mark.parametrize("update", ["+= positions", "[mask] = image", "linear output +="])
+@pytest.mark.parametrize("update", ["+= positions", "[mask] = image"])
 def test_in_place_updates_of_looked_up_rows_are_recorded_by_autograd_as_without_fp8(update, tie):
     from conftest import fake_quantized_copy
 
