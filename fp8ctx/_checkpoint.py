@@ -84,7 +84,13 @@ class _Source:
 
 
 def read_checkpoint(
-    skeleton: nn.Module, path: str | os.PathLike[str], config: FP8Config, *, progress_bar: bool | None, strict: bool
+    skeleton: nn.Module,
+    path: str | os.PathLike[str],
+    config: FP8Config,
+    *,
+    progress_bar: bool | None,
+    strict: bool,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[dict[str, FP8Tensor], dict[str, torch.Tensor]]:
     """The FP8 entries and unquantized tensors of a complete store for ``skeleton``, read from ``path``.
 
@@ -134,8 +140,9 @@ def read_checkpoint(
     if unused:
         logger.info("fp8ctx: skipping %d checkpoint tensors the skeleton has no place for, e.g. %s", len(unused), unused[:3])
     targets = {target.name: target for target in select_targets(skeleton, config)}
-    entries, unquantized = _read(sources, tensors, targets, config, progress_bar)
+    entries, unquantized = _read(sources, tensors, targets, config, progress_bar, device)
     for name, value in without.items():  # the skeleton's own values (a loaded part), or derived buffers
+        value = value.to(device)
         target = targets.get(name)
         if target is not None:
             entries[name] = FP8Tensor.from_dense(value, target.layout(config), name=name)
@@ -156,6 +163,7 @@ def _read(
     targets: dict[str, Target],
     config: FP8Config,
     progress_bar: bool | None,
+    device: torch.device,
 ) -> tuple[dict[str, FP8Tensor], dict[str, torch.Tensor]]:
     """Read each source once, cast it to the skeleton's dtype, quantize the targets; one tensor at a time."""
     entries: dict[str, FP8Tensor] = {}
@@ -164,18 +172,21 @@ def _read(
         source, wanted = sources[name], tensors[name].dtype
         target = targets.get(name)
         if target is not None:
-            entries[name] = _quantize_streamed(source, wanted, target.layout(config), name)
+            entries[name] = _quantize_streamed(source, wanted, target.layout(config), name, device)
         else:
-            value = source.reader.get(source.key)
-            unquantized[name] = value if value.dtype == wanted else value.to(wanted)
+            unquantized[name] = source.reader.get(source.key).to(device=device, dtype=wanted)
     return entries, unquantized
 
 
 # rows of a weight read and quantized at once: the working memory per weight (float32 temporaries)
 _CHUNK_BYTES = 2**20
+# quantizing on an accelerator: its temporaries are device memory; the host holds only the read rows
+_DEVICE_CHUNK_BYTES = 16 * 2**20
 
 
-def _quantize_streamed(source: _Source, dtype: torch.dtype, layout: FP8Layout, name: str) -> FP8Tensor:
+def _quantize_streamed(
+    source: _Source, dtype: torch.dtype, layout: FP8Layout, name: str, device: torch.device
+) -> FP8Tensor:
     """Quantize a checkpoint tensor a few rows at a time, into codes allocated once.
 
     The codes and scales are the very ones :meth:`FP8Tensor.from_dense` gives for the whole tensor: each
@@ -185,22 +196,23 @@ def _quantize_streamed(source: _Source, dtype: torch.dtype, layout: FP8Layout, n
     """
     shape = source.shape
     if not shape or layout.channel_axis != 0 or 0 in shape:
-        value = source.reader.get(source.key)
-        return FP8Tensor.from_dense(value if value.dtype == dtype else value.to(dtype), layout, name=name)
+        value = source.reader.get(source.key).to(device=device, dtype=dtype)
+        return FP8Tensor.from_dense(value, layout, name=name)
     rows, inner = shape[0], math.prod(shape[1:])
-    step = max(1, _CHUNK_BYTES // max(1, inner * 4))
+    budget = _CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    step = max(1, budget // max(1, inner * 4))
     if layout.granularity is Granularity.BLOCK:
         step = max(layout.block_size, step // layout.block_size * layout.block_size)
 
     def chunks():
         for start in range(0, rows, step):
             chunk = source.reader.get_rows(source.key, start, min(rows, start + step))
-            yield start, (chunk if chunk.dtype == dtype else chunk.to(dtype)).reshape(-1, inner)
+            yield start, chunk.to(device=device, dtype=dtype).reshape(-1, inner)
 
-    codes = torch.empty((rows, inner), dtype=layout.storage_dtype)
+    codes = torch.empty((rows, inner), dtype=layout.storage_dtype, device=device)
     if layout.granularity is Granularity.TENSOR:
         amax = max((float(c.abs().amax()) for _, c in chunks()), default=0.0)
-        scale = _numerics.scale_from_amax(torch.tensor(amax, dtype=torch.float32), layout.fp8_max)
+        scale = _numerics.scale_from_amax(torch.tensor(amax, dtype=torch.float32, device=device), layout.fp8_max)
         scales = [scale]
     else:
         scales = []

@@ -149,6 +149,7 @@ class FP8Store(Mapping[str, FP8Tensor]):
         exclude: Exclude = None,
         progress_bar: bool | None = None,
         strict: bool = True,
+        device: torch.device | str = "cpu",
     ) -> FP8Store:
         """A complete store read from a safetensors checkpoint tensor by tensor; no dense model is built.
 
@@ -166,9 +167,11 @@ class FP8Store(Mapping[str, FP8Tensor]):
                 :meth:`from_module`.
             strict: refuse checkpoint tensors the skeleton has no place for (``False``: skip them, e.g. the
                 vision tower when building the text model's store from a full checkpoint).
+            device: where to quantize and keep the store (``"cuda"``: the rows read go to the device and are
+                quantized there; the same codes as on the CPU).
 
         Returns:
-            A complete :class:`FP8Store` on the CPU (``store.to("cuda")``, or save it and load it there).
+            A complete :class:`FP8Store` on ``device``.
 
         Raises:
             FP8Error: a bad option; a checkpoint that cannot be read; one error listing the skeleton's
@@ -182,8 +185,11 @@ class FP8Store(Mapping[str, FP8Tensor]):
             exclude=exclude,
         )
         check_exclude([skeleton], options.config.exclude)
+        place = check_device(device)
+        if not isinstance(strict, bool):
+            raise FP8Error(f"strict must be True or False, got {strict!r}")
         entries, unquantized = read_checkpoint(
-            skeleton, path, options.config, progress_bar=check_progress_bar(progress_bar), strict=strict
+            skeleton, path, options.config, progress_bar=check_progress_bar(progress_bar), strict=strict, device=place
         )
         return cls(entries, unquantized, complete=True)
 

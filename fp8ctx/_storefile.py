@@ -70,7 +70,7 @@ def check_device(device: object) -> torch.device:
             raise FP8Error(f"device {device!r}: no CUDA device is available here; load with device='cpu'")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise FP8Error(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type not in ("cpu", "meta"):
+    elif parsed.type != "cpu":
         raise FP8Error(f"device {device!r}: store files load onto cpu or cuda")
     return parsed
 

@@ -53,7 +53,10 @@ def key_renamer(skeleton: nn.Module) -> Callable[[str], str | None]:
         return lambda key: _prefixed(key, prefix, names)
 
     def rename(key: str) -> str | None:
-        renamed, converter = rename_source_key(key, renamings, converters, prefix, names)
+        try:
+            renamed, converter = rename_source_key(key, renamings, converters, prefix, names)
+        except (TypeError, ValueError, AttributeError):  # a transformers version with another signature
+            return _prefixed(key, prefix, names)
         return None if converter is not None else renamed
 
     return rename
