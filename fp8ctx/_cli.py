@@ -1,4 +1,4 @@
-"""The ``fp8ctx`` command line: ``fp8ctx report [MODEL_DIR] [options]``."""
+"""The ``fp8ctx`` command line: ``fp8ctx report [MODEL] [options]``, ``fp8ctx quantize SRC OUT``, ``fp8ctx inspect FILE``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._cli_store import add_commands, inspect, quantize
 from ._config import FP8Config
 from ._errors import FP8Error
 from ._quality import METRICS
@@ -28,11 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="memory saved, weight and output error, exact restore",
-        description="Load a local diffusers/transformers directory (or, with none, the embedded default: "
+        description="Load a local diffusers/transformers directory or a Hugging Face id already in the local cache "
+        "(or, with none, the embedded default: "
         "all-MiniLM-L6-v2 and a reduced Qwen-Image VAE), run it on a small built-in input with and without "
         "FP8 weights, and print the report.",
     )
-    report.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="local model or pipeline directory")
+    report.add_argument(
+        "model_dir", nargs="?", metavar="MODEL", help="local model or pipeline directory, or a Hugging Face id in the local cache"
+    )
     report.add_argument("--component", action="append", metavar="NAME", help="pipeline component (repeatable); default vae and text_encoder")
     report.add_argument(
         "--granularity", choices=("tensor", "channel", "block"), default=DEFAULT.granularity.value,
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--json", metavar="PATH", help="also write the full reports as JSON")
     report.add_argument("--verbose", action="store_true", help="log progress; show tracebacks")
+    add_commands(commands, _count)
     return parser
 
 
@@ -94,7 +99,9 @@ def _report(args: argparse.Namespace) -> int:
             raise FP8Error("--component needs a MODEL_DIR (a pipeline directory)")
         subjects = default_subjects(device, dtype)
     else:
-        subjects = load_subjects(args.model_dir, args.component, device, dtype)
+        from .integrations.skeletons import resolve_source
+
+        subjects = load_subjects(str(resolve_source(args.model_dir)), args.component, device, dtype)
     results = []
     for subject in subjects:
         result = report(
@@ -139,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
-        return _report(args)
+        return {"report": _report, "quantize": quantize, "inspect": inspect}[args.command](args)
     except KeyboardInterrupt:
         print("fp8ctx: interrupted", file=sys.stderr)
         return 130
