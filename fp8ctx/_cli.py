@@ -99,9 +99,7 @@ def _report(args: argparse.Namespace) -> int:
             raise FP8Error("--component needs a MODEL_DIR (a pipeline directory)")
         subjects = default_subjects(device, dtype)
     else:
-        from .integrations.skeletons import resolve_source
-
-        subjects = load_subjects(str(resolve_source(args.model_dir)), args.component, device, dtype)
+        subjects = load_subjects(args.model_dir, args.component, device, dtype)
     results = []
     for subject in subjects:
         result = report(

@@ -131,4 +131,4 @@ def test_report_and_quantize_take_a_model_id_from_the_local_cache(llama_dir, tmp
     err = capsys.readouterr().err
     assert "not in the local Hugging Face cache" in err and str(cache) in err and "hf download tiny-org/absent" in err
     assert main(["report", "not an id"]) == 2
-    assert "not a directory or file here, nor a Hugging Face model id" in capsys.readouterr().err
+    assert "not a directory (no such path here), nor a Hugging Face model id" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._errors import FP8Error
+from .skeletons import resolve_source
 
 __all__ = ["Subject", "default_subjects", "load_subjects"]
 
@@ -138,13 +139,13 @@ def _load_transformers_model(
 def load_subjects(
     directory: str, components: list[str] | None, device: torch.device, dtype: torch.dtype
 ) -> list[Subject]:
-    """Load a local model or pipeline directory.
+    """Load a local model or pipeline directory, or a Hugging Face id's snapshot in the local cache.
 
     Raises:
         FP8Error: a path that does not exist, is not a model directory, or names no such component.
     """
     _offline()
-    path = Path(directory)
+    path = resolve_source(directory)  # a local path, or a Hugging Face id found in the local cache
     if not path.is_dir():
         raise FP8Error(f"MODEL_DIR {directory!r} is not a directory")
     index = path / "model_index.json"

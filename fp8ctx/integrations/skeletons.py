@@ -34,7 +34,7 @@ def resolve_source(spec: str) -> Path:
     if path.exists():
         return path
     if not _HUB_ID.match(spec):
-        raise FP8Error(f"{spec!r} is not a directory or file here, nor a Hugging Face model id (org/name)")
+        raise FP8Error(f"{spec!r} is not a directory (no such path here), nor a Hugging Face model id (org/name)")
     try:
         from huggingface_hub import constants, snapshot_download
     except ImportError:
