@@ -195,7 +195,7 @@ def _quantize_streamed(
     to the allocator, which does not give them back in time: peak memory then grows with the model.
     """
     shape = source.shape
-    if not shape or layout.channel_axis != 0 or 0 in shape:
+    if not shape or layout.channel_axis != 0 or layout.batch_dims or 0 in shape:  # whole: groups span dim 0
         value = source.reader.get(source.key).to(device=device, dtype=dtype)
         return FP8Tensor.from_dense(value, layout, name=name)
     rows, inner = shape[0], math.prod(shape[1:])
