@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MemoryReport", "PeakMeter", "model_bytes"]
+__all__ = ["MemoryReport", "PeakMeter", "params_and_buffers"]
 
 
-def model_bytes(model: nn.Module) -> tuple[int, int]:
+def params_and_buffers(model: nn.Module) -> tuple[int, int]:
     """Bytes of the model's parameters and of its buffers (each tensor once, tied weights once)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())

@@ -14,11 +14,8 @@ from torch import nn
 
 from ._config import Exclude, FP8Config
 from ._context import fp8_weights
-<<<<<<< HEAD
 from ._budget import check_budget, choose
-=======
-from ._memory import MemoryReport, PeakMeter, model_bytes
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
+from ._memory import MemoryReport, PeakMeter, params_and_buffers
 from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
 from ._inventory import DenseEntry, DenseInventory, dense_inventory
 from ._options import check_originals, check_progress_bar, resolve, stores_for
@@ -58,17 +55,12 @@ class Report:
     """The result of :func:`report`: per-layer rows, totals, output error, the verdict, the restore check, and
     what stays dense.
 
-<<<<<<< HEAD
     Printing gives the worst rows (by per-layer output error where measured, else by weight SQNR), the totals
     with the whole model's bytes, a one-line verdict with its thresholds and the next line of code to try;
     Jupyter shows the same as HTML; ``table(None)`` has every row; ``to_dict()`` / ``to_pandas()`` give data.
     ``kept_dense`` lists every parameter left dense with the reason (None for a report on a store alone).
-=======
-    Printing gives a terminal table; Jupyter shows an HTML table; ``to_dict()`` / ``to_pandas()`` give data.
-    ``kept_dense`` lists every parameter left dense with the reason (None for a report on a store alone);
     ``memory`` states the whole model before and inside the block, and whether that reduces memory where the
     model lives (with measured device peaks on a GPU).
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
     """
 
     model: str
@@ -77,15 +69,12 @@ class Report:
     output: OutputReport | None
     restored_exactly: bool | None
     kept_dense: DenseInventory | None = None
-<<<<<<< HEAD
     model_bytes: int | None = None
     metric: str = "cosine"
     max_error: float | None = None
     output_error: float | None = None
     verdict: Verdict | None = None
-=======
     memory: MemoryReport | None = None
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
 
     @property
     def dense_bytes(self) -> int:
@@ -127,15 +116,12 @@ class Report:
                 "by_reason": self.kept_dense.by_reason(),
                 "entries": [dataclasses.asdict(entry) for entry in self.kept_dense.entries],
             },
-<<<<<<< HEAD
             "model_bytes": self.model_bytes,
             "metric": self.metric,
             "max_error": self.max_error,
             "output_error": self.output_error,
             "verdict": dataclasses.asdict(self.verdict) if self.verdict else None,
-=======
             "memory": None if self.memory is None else self.memory.to_dict(),
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
         }
         return _finite(data)
 
@@ -176,13 +162,10 @@ class Report:
             )
         if self.restored_exactly is not None:
             lines.append(f"  model restored bit-exact after the block: {'yes' if self.restored_exactly else 'NO'}")
-<<<<<<< HEAD
-        if self.verdict is not None:
-            lines += [self.verdict.line, f"next: {self.verdict.next_code}"]
-=======
         if self.memory is not None:
             lines.extend(self.memory.lines())
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
+        if self.verdict is not None:
+            lines += [self.verdict.line, f"next: {self.verdict.next_code}"]
         return lines
 
     def worst(self, max_rows: int | None = DEFAULT_ROWS) -> list[LayerReport]:
@@ -378,45 +361,24 @@ def report(
                 relative,
             )
         )
-<<<<<<< HEAD
     output = restored = output_error = planned = None
-    if call is not None:
-        with measuring(model):
-            expected = output_of(call, model)
-            before = fingerprint(model)  # after the plain run: buffers it creates lazily are in
-            with fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
-                actual = output_of(call, model)
-        restored = fingerprint(model) == before
-=======
-    output = restored = None
-    params_bytes, buffers_bytes = model_bytes(model)
+    params_bytes, buffers_bytes = params_and_buffers(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     meter = PeakMeter(device)
-    if inputs is not None or run is not None:
-        call = run or _caller(inputs)
-        # both runs in eval mode: dropout would make the comparison noise, and batch-norm statistics
-        # updated by a training-mode forward would look like a failed restore
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                with meter.measure():
-                    expected = first_tensor(call(model)).detach().clone()
-                before = fingerprint(model)  # after the plain run: buffers it creates lazily are in
-                with meter.measure(), fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
-                    actual = first_tensor(call(model)).detach().clone()
-            restored = fingerprint(model) == before
-        finally:
-            for module, training in modes:
-                module.training = training
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
+    if call is not None:
+        with measuring(model):
+            with meter.measure():
+                expected = output_of(call, model)
+            before = fingerprint(model)  # after the plain run: buffers it creates lazily are in
+            with meter.measure(), fp8_weights(model, store=store, originals=originals, compute=options.config.compute):
+                actual = output_of(call, model)
+        restored = fingerprint(model) == before
         output = compare_outputs(actual, expected)
         if _measurable(expected, "ssim"):
             output = dataclasses.replace(output, ssim=1 - float(sample_errors(actual, expected, "ssim").mean()))
         output_error = float(sample_errors(actual, expected, metric).max())  # raises for an image metric on a non-image
         logger.info("fp8ctx: output relative L2 %.3e, cosine %.6f", output.relative_l2, output.cosine)
     kept_dense = DenseInventory(tuple(dense_inventory(model, targets, options.config)))
-<<<<<<< HEAD
     over = output_error is not None and output_error > budget
     if call is not None and output_error is not None and (layer_errors or over) and not given_store:
         # each weight alone in FP8: the rows' worst-first order, and (over budget) the planner's proposal
@@ -429,16 +391,13 @@ def report(
     lowest = min(((row.sqnr_db, row.name) for row in rows if row.sqnr_db is not None), default=None)
     verdict = decide(metric, budget, output_error, lowest and (lowest[1], lowest[0]), held_config, planned,
                      measured_layers=call is not None)
-    return Report(type(model).__name__, held_config, tuple(rows), output, restored, kept_dense, model_bytes(model),
-                  metric, budget, output_error, verdict)
-=======
     peaks = meter.peaks or [None, None]
     memory = MemoryReport(
         str(device), originals, params_bytes, buffers_bytes, sum(row.fp8_bytes for row in rows), kept_dense.bytes,
         peaks[0], peaks[1],
     )
-    return Report(type(model).__name__, held_config, tuple(rows), output, restored, kept_dense, memory)
->>>>>>> 9165d45 (report: the whole model's memory before and inside the block (MemoryReport: FP8, kept dense, buffers, totals; on CPU says plainly memory is not reduced and names the skeleton recipe; measured device peaks on a GPU); README memory recipe (run by tests/test_readme.py), CLI docs; notebook cell for the skeleton path)
+    return Report(type(model).__name__, held_config, tuple(rows), output, restored, kept_dense, model_bytes(model),
+                  metric, budget, output_error, verdict, memory)
 
 
 def _measurable(expected: torch.Tensor, metric: str) -> bool:
