@@ -387,7 +387,21 @@ def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype:
         return f"scales must be positive and finite, as quantizing makes them; {bad} of {scale.numel()} are not (damaged data)"
     if dtype not in COMPUTE_DTYPES:
         return f"the original dtype must be one of {_names(COMPUTE_DTYPES)}, got {dtype!r}"
+    bad = _non_finite_codes(data)
+    if bad:
+        return f"codes must be finite, as quantizing makes them; {bad} of {data.numel()} are NaN or Inf (damaged data)"
     return ""
+
+
+# the exponent (and, for e4m3fn, mantissa) bits that mark NaN/Inf codes: quantizing clamps, so it never writes them
+_NON_FINITE_BITS = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def _non_finite_codes(data: torch.Tensor) -> int:
+    """How many FP8 codes are NaN or Inf, read from their bits (no float copy of the codes)."""
+    mask = _NON_FINITE_BITS[data.dtype]
+    bits = data.reshape(-1).view(torch.uint8)
+    return int(((bits & mask) == mask).sum()) if bits.numel() else 0
 
 
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:

@@ -149,7 +149,20 @@ MISFITS = {
     "channel-axis": (lambda q, s, l: (q, s, l.replace(channel_axis=2), torch.float32), "channel_axis 2"),
     "dtype-int": (lambda q, s, l: (q, s, l, torch.int64), "original dtype"),
     "dtype-name": (lambda q, s, l: (q, s, l, "float32"), "original dtype"),
+    "codes-nan": (lambda q, s, l: (_with_code(q, 0x7F), s, l, torch.float32), "1 of 24 are NaN or Inf"),
+    "codes-negative-nan": (lambda q, s, l: (_with_code(q, 0xFF), s, l, torch.float32), "NaN or Inf"),
+    "codes-e5m2-inf": (
+        lambda q, s, l: (_with_code(q.float().to(torch.float8_e5m2), 0x7C), s, l.replace(storage_dtype="e5m2"), torch.float32),
+        "NaN or Inf",
+    ),
 }
+
+
+def _with_code(codes, bits):
+    """``codes`` with its first element's bits replaced (a NaN/Inf pattern quantizing never writes)."""
+    damaged = codes.clone()
+    damaged.view(torch.uint8).view(-1)[0] = bits
+    return damaged
 
 
 @pytest.mark.parametrize("misfit", list(MISFITS))
