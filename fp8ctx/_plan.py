@@ -298,7 +298,7 @@ def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> lis
             raise FP8Error(f"store entry {name!r} must be an FP8Tensor, got {type(entry).__name__}")
         if isinstance(param, FP8Tensor):
             raise FP8Error(
-                f"weight {name or layer_name + '.weight'!r} is already held as FP8: this module is inside fp8_weights() or a running "
+                f"weight {name!r} is already held as FP8: this module is inside fp8_weights() or a running "
                 "functional_call() already (in this or another thread)"
             )
         if param.shape != entry.shape or param.dtype != entry.dtype:

@@ -19,7 +19,7 @@ import torch.nn.utils.prune as prune
 from conftest import assert_restored, reference_qdq, snapshot
 from torch import nn
 
-from fp8ctx import FP8Error, FP8Store, FP8Tensor, fp8_weights
+from fp8ctx import FP8Store, FP8Tensor, fp8_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
