@@ -15,7 +15,7 @@ from torch import nn
 
 from ._config import ExcludeRule, FP8Config
 from ._layout import COMPUTE_DTYPES
-from ._plan import Target, exclusion, expert_weights, layer_weights
+from ._plan import Target, exclusion, expert_weights, find_targets, layer_weights  # noqa: F401  (the docstring examples use find_targets)
 
 __all__ = ["DenseEntry", "DenseInventory", "dense_inventory"]
 

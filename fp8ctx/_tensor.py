@@ -397,11 +397,14 @@ def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype:
 _NON_FINITE_BITS = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
+_CODE_CHUNK = 1 << 20  # codes checked at a time: the check's own memory stays a few MiB whatever the weight
+
+
 def _non_finite_codes(data: torch.Tensor) -> int:
     """How many FP8 codes are NaN or Inf, read from their bits (no float copy of the codes)."""
     mask = _NON_FINITE_BITS[data.dtype]
     bits = data.reshape(-1).view(torch.uint8)
-    return int(((bits & mask) == mask).sum()) if bits.numel() else 0
+    return sum(int(((chunk & mask) == mask).sum()) for chunk in bits.split(_CODE_CHUNK))
 
 
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:
