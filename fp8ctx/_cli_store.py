@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ._config import DEFAULT_LAYERS, FP8Config
+from ._metrics import format_bytes as _size
 from ._store import FP8Store
 from ._storefile import StoreFile
 
@@ -108,11 +109,4 @@ def _nbytes(dtype: torch.dtype | None, shape: tuple[int, ...]) -> int:
         size *= dim
     return size * (torch.empty((), dtype=dtype).element_size() if dtype is not None else 0)
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._metrics import format_bytes as _size
+
 __all__ = ["MemoryReport", "PeakMeter", "params_and_buffers"]
 
 
@@ -128,9 +130,3 @@ class MemoryReport:
         }
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)

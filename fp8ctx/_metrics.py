@@ -81,3 +81,12 @@ def fingerprint(model: nn.Module) -> list[tuple[Any, ...]]:
     return [
         (name, id(t), t.dtype, t.device, tuple(t.shape), t.stride(), _checksum(t)) for name, t in tensors
     ]
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as the tables print them (``"512 B"``, ``"1.50 MiB"``; GiB at most)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)

@@ -17,6 +17,7 @@ from ._context import fp8_weights
 from ._budget import check_budget, choose
 from ._memory import MemoryReport, PeakMeter, params_and_buffers
 from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
+from ._metrics import format_bytes as _size
 from ._inventory import DenseEntry, DenseInventory, dense_inventory
 from ._options import check_originals, check_progress_bar, resolve, stores_for
 from ._plan import Plan, check_exclude
@@ -249,14 +250,6 @@ def _layer_cells(row: LayerReport) -> tuple[str, ...]:
         _number(row.sqnr_db, ".1f"),
         _number(row.relative_error, ".2e"),
     )
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _number(value: float | None, spec: str) -> str:

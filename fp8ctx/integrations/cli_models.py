@@ -7,7 +7,6 @@ libraries are imported.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .._errors import FP8Error
-from .skeletons import resolve_source
+from .skeletons import _read_json, resolve_source
 
 __all__ = ["Subject", "default_subjects", "load_subjects"]
 
@@ -87,16 +86,6 @@ def text_runner(model: nn.Module, tokenizer: Any, device: torch.device) -> Calla
         # T5-style models: the encoder alone is what a pipeline's text encoder runs
         return lambda m: m.get_encoder()(**inputs)
     return lambda m: m(**inputs)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FP8Error(f"{str(path)!r} is not readable JSON: {error}") from None
-    if not isinstance(content, dict):
-        raise FP8Error(f"{str(path)!r} holds a JSON {type(content).__name__}, expected an object")
-    return content
 
 
 def _is_module_class(library: str, name: str) -> bool:
