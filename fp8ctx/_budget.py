@@ -13,7 +13,8 @@ from torch import nn
 from ._config import Exclude, FP8Config
 from ._errors import FP8Error
 from ._options import check_progress_bar, resolve
-from ._plan import Plan, check_exclude, literal, quantize_target
+from ._exclude import check_exclude, literal
+from ._plan import Plan, quantize_target
 from ._quality import check_metric, combine, describe, sample_errors
 from ._runs import caller, measuring, output_of
 from ._sensitivity import CANDIDATE_LAYERS, Sensitivity, held_output, measure_layers

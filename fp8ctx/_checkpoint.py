@@ -1,7 +1,7 @@
 """Quantizing straight from a safetensors checkpoint: one tensor in memory at a time, no dense model.
 
 The skeleton (usually on the meta device) says which tensors exist, their shapes and dtypes, and which
-weights are targets (the planning rules of ``_plan``); the checkpoint gives the values. Checkpoint names are
+weights are targets (the selection rule of ``_select``); the checkpoint gives the values. Checkpoint names are
 mapped to the skeleton's before anything is read, and every problem is reported in one error.
 """
 
@@ -21,7 +21,7 @@ from . import _numerics
 from ._config import FP8Config
 from ._errors import FP8Error
 from ._layout import FP8Layout, Granularity
-from ._plan import Target, select_targets
+from ._select import Target, select_targets
 from ._progress import progress
 from ._storefile import TensorReader
 from ._tensor import FP8Tensor

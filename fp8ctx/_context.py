@@ -17,7 +17,8 @@ from ._config import Exclude, FP8Config
 from ._errors import FP8Error
 from ._hold import Hold
 from ._options import check_components, check_originals, check_progress_bar, is_store_dict, resolve, stores_for
-from ._plan import Plan, check_exclude, check_overlap
+from ._exclude import check_exclude
+from ._plan import Plan, check_overlap
 from ._store import FP8Store
 from ._tensor import FP8Tensor
 from .integrations.pipelines import is_pipeline, pipeline_modules

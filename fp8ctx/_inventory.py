@@ -1,6 +1,6 @@
 """What stays dense: every parameter of a module that is not held as FP8, with the reason, for coverage at a glance.
 
-Planning decides what is held (``_plan``); this module reads the same selection rule backwards and says, for each
+Selection decides what is held (``_select``); this module reads the same selection rule backwards and says, for each
 parameter left out, why: a kind fp8ctx leaves dense on purpose (norms, biases, embeddings unless asked for), an
 option (exclusion, ``layers=``), or something about the tensor itself (not a float dtype).
 """
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ._config import ExcludeRule, FP8Config
+from ._exclude import exclusion
 from ._layout import COMPUTE_DTYPES
-from ._plan import Target, exclusion, expert_weights, find_targets, layer_weights  # noqa: F401  (the docstring examples use find_targets)
+from ._select import Target, expert_weights, find_targets, layer_weights  # noqa: F401  (the docstring examples use find_targets)
 
 __all__ = ["DenseEntry", "DenseInventory", "dense_inventory"]
 

@@ -1,15 +1,13 @@
-"""Planning: which weights of a module are held as FP8, and the FP8 entry each one gets.
+"""The plan record: for each module, its targets and where their FP8 entries come from.
 
-Everything here reads modules and computes; nothing changes a module (holding is ``_hold``'s job).
+Which weights are targets is ``_select``'s rule; here a store's entries are matched to a module instead, a meta
+skeleton's other tensors to the store's dense ones, plans are checked against each other, and entries are made one
+weight at a time. Everything here reads modules and computes; nothing changes a module (holding is ``_hold``'s job).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
-import logging
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,263 +15,22 @@ import torch
 from torch import nn
 
 from . import _fsdp
-from ._config import ExcludeRule, FP8Config
+from ._config import FP8Config
 from ._errors import FP8Error
-from ._layout import COMPUTE_DTYPES, FP8Layout
 from ._progress import progress
+from ._select import Target, find_targets
 from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice, offloaded_by_accelerate, under
-from .integrations.transformers_layers import EXPERT_COUNTS, conv1d_type, experts_transposed
 
 __all__ = [
     "Fill",
     "Plan",
-    "Target",
-    "check_exclude",
     "check_overlap",
-    "exclusion",
-    "expert_weights",
-    "find_targets",
-    "layer_weights",
-    "literal",
     "meta_fills",
     "quantize_target",
-    "rule_matches",
-    "select_targets",
     "targets_from_store",
     "unquantized_tensors",
 ]
-
-logger = logging.getLogger("fp8ctx")
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One weight to hold as FP8: its name in ``named_parameters()``, its layer's name, the object, the axis of
-    its output channels, and how many leading dims index separate matrices (1 for mixture-of-experts tensors)."""
-
-    name: str
-    layer: str
-    param: nn.Parameter
-    channel_axis: int
-    batch_dims: int = 0
-
-    def layout(self, config: FP8Config) -> FP8Layout:
-        """The layout ``config`` stores this weight in (its channel axis and batch dims with the config's scheme)."""
-        return config.layout(self.channel_axis, self.batch_dims)
-
-
-def exclusion(name: str, module: nn.Module, rules: tuple[ExcludeRule, ...]) -> ExcludeRule | None:
-    """The first of ``rules`` that leaves the layer ``name`` out (see :func:`rule_matches`), or None."""
-    for rule in rules:
-        if rule_matches(rule, name, module) if isinstance(rule, str) else rule(name, module):
-            return rule
-    return None
-
-
-def rule_matches(rule: str, layer_name: str, layer: nn.Module) -> bool:
-    """Whether the name pattern ``rule`` names ``layer`` (called ``layer_name`` in its model).
-
-    A rule names a layer when it matches the layer's name (fnmatch), a parent's name (``"decoder"`` covers
-    ``"decoder.conv_in"``), or one of the layer's own parameters (``"decoder.conv_out.weight"``, a report row,
-    names ``decoder.conv_out``). A leading ``"*."`` also matches at the root (``"*.lm_head"`` names a root-level
-    ``lm_head``), as users read it. A pattern ending in a wildcard (``"decoder.*"``) names children only.
-    """
-    patterns = (rule, rule[2:]) if rule.startswith("*.") else (rule,)
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(layer_name, pattern) or fnmatch.fnmatchcase(layer_name, pattern + ".*"):
-            return True
-        # a parameter is named by its own last component ("x.weight", "*.weight"); "x.*" means x's children
-        if re.search(r"[*?[]", pattern.rpartition(".")[2]):
-            continue
-        prefix = f"{layer_name}." if layer_name else ""
-        if any(fnmatch.fnmatchcase(prefix + name, pattern) for name, _ in layer.named_parameters(recurse=False)):
-            return True
-    return False
-
-
-def literal(name: str) -> str:
-    """``name`` as an exclude pattern that matches exactly it (fnmatch's special characters escaped)."""
-    return re.sub(r"([*?[])", r"[\1]", name)
-
-
-def check_exclude(modules: Sequence[nn.Module], rules: tuple[ExcludeRule, ...]) -> None:
-    """Raise unless every name pattern in ``rules`` names a layer of at least one of ``modules``.
-
-    An exclusion that matches nothing would hold the very layer the caller meant to keep dense, silently.
-
-    Raises:
-        FP8Error: names each pattern that matches nothing, the closest layer and parameter names, and what
-            to write instead.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-        >>> check_exclude([model], ("0.weight", "*.0"))        # a parameter name; a root-level "*.0"
-        >>> check_exclude([model], ("lm_head",))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        fp8ctx._errors.FP8Error: exclude pattern 'lm_head' matches no layer of Sequential; closest names: [...
-    """
-    patterns = [rule for rule in rules if isinstance(rule, str)]
-    if not patterns:
-        return
-    layers = [(name, layer) for module in modules for name, layer in module.named_modules()]
-    for pattern in patterns:
-        if any(rule_matches(pattern, name, layer) for name, layer in layers):
-            continue
-        names = [name for name, _ in layers if name] + [
-            name for module in modules for name, _ in module.named_parameters()
-        ]
-        close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4) or names[:5]
-        owners = " or ".join(dict.fromkeys(type(module).__name__ for module in modules))
-        raise FP8Error(
-            f"exclude pattern {pattern!r} matches no layer of {owners}; closest names: {close} (of {len(names)}). "
-            "Write a layer name as named_modules() gives it ('decoder.conv_out'), a parameter name "
-            "('decoder.conv_out.weight'), a parent's name ('decoder'), or an fnmatch pattern ('*.conv_out', which "
-            "also matches a root-level 'conv_out'); a predicate (name, module) -> bool is never checked"
-        )
-
-
-def _channel_axis(layer: nn.Module) -> int:
-    # ConvTranspose weights are (in, out / groups, *kernel): their output channels live in dim 1
-    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-
-
-# nn.MultiheadAttention's projection weights (out_proj is a Linear of its own); q/k/v_proj_weight exist instead of
-# in_proj_weight when key/value sizes differ from the embedding size
-_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def layer_weights(layer: nn.Module, config: FP8Config, layer_name: str = "") -> list[tuple[str, int, int]]:
-    """The weights ``config`` holds among ``layer``'s own parameters: ``(attribute, channel axis, batch dims)``.
-
-    The selection rule, in one place (planning and the dense inventory both read it):
-
-    - the ``weight`` of a layer of one of ``config.layers``' types;
-    - ``nn.MultiheadAttention``'s input projections, when it is among ``config.layers``;
-    - transformers' ``Conv1D`` (a Linear stored (in, out)) wherever ``nn.Linear`` is among ``config.layers``;
-    - with ``config.experts``, every 3-D parameter of a module with an expert count (``num_experts``) whose first
-      dim is that count: one matrix per expert, (out, in), or (in, out) where the module says ``is_transposed``;
-    - any other parameter of 2 or more dims whose name (``layer_name.attribute``) matches ``config.include``.
-    """
-    chosen = _kind_weights(layer, config)
-    if config.include:
-        taken = {attribute for attribute, _, _ in chosen}
-        for attribute, param in layer._parameters.items():
-            name = f"{layer_name}.{attribute}" if layer_name else attribute
-            if (
-                attribute not in taken
-                and isinstance(param, torch.Tensor)
-                and param.dim() >= 2
-                and any(fnmatch.fnmatchcase(name, pattern) for pattern in config.include)
-            ):
-                chosen.append((attribute, 0, 0))
-    return chosen
-
-
-def _kind_weights(layer: nn.Module, config: FP8Config) -> list[tuple[str, int, int]]:
-    params = layer._parameters
-    if isinstance(layer, nn.MultiheadAttention):
-        if not isinstance(layer, config.layers):
-            return []
-        return [(name, 0, 0) for name in _ATTENTION_WEIGHTS if isinstance(params.get(name), torch.Tensor)]
-    if not isinstance(params.get("weight"), torch.Tensor):
-        return expert_weights(layer) if config.experts else []
-    if isinstance(layer, config.layers):
-        return [("weight", _channel_axis(layer), 0)]
-    conv1d = conv1d_type()
-    if conv1d is not None and isinstance(layer, conv1d) and any(issubclass(nn.Linear, kind) for kind in config.layers):
-        return [("weight", 1, 0)]
-    return expert_weights(layer) if config.experts else []
-
-
-def expert_weights(layer: nn.Module) -> list[tuple[str, int, int]]:
-    """A module's mixture-of-experts tensors (``layer_weights``' triples), whatever ``config.experts`` says."""
-    count = next((getattr(layer, name) for name in EXPERT_COUNTS if type(getattr(layer, name, None)) is int), None)
-    if not count:
-        return []
-    axis = 2 if experts_transposed(layer) else 1
-    return [
-        (name, axis, 1)
-        for name, param in layer._parameters.items()
-        if isinstance(param, torch.Tensor) and param.dim() == 3 and param.shape[0] == count
-    ]
-
-
-def _excluded_parameters(module: nn.Module, rules: tuple[ExcludeRule, ...]) -> dict[int, str]:
-    """``id`` of every parameter of an excluded layer -> that layer's name (the first one found)."""
-    excluded: dict[int, str] = {}
-    if not rules:
-        return excluded
-    for layer_name, layer in module.named_modules():
-        if exclusion(layer_name, layer, rules) is not None:
-            for p in layer.parameters(recurse=False):
-                excluded.setdefault(id(p), layer_name)
-    return excluded
-
-
-def find_targets(module: nn.Module, config: FP8Config) -> list[Target]:
-    """The weights of ``module`` that ``config`` holds as FP8, checked for values to quantize; nothing is
-    changed.
-
-    The ``weight`` of every layer of one of ``config.layers``' types, unless the layer (or a parent) is
-    excluded. A weight tied into several layers is one target under its first name, and stays dense if
-    any of those layers is excluded. Non-float weights are skipped.
-
-    Returns:
-        One :class:`Target` per distinct weight, in ``named_parameters()`` order of first appearance.
-
-    Raises:
-        FP8Error: a targeted weight on the meta device (says why and what to do), or a weight that is
-            already held as FP8 (the module is inside ``fp8_weights`` already).
-        TypeError: ``module`` is not an ``nn.Module``.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-        >>> [t.name for t in find_targets(model, FP8Config(exclude=["2"]))]
-        ['0.weight']
-    """
-    targets = select_targets(module, config)
-    for target in targets:
-        if target.param.is_meta:
-            raise FP8Error(
-                f"weight {target.name!r} of layer {target.layer or type(module).__name__!r} is on the meta device (no "
-                f"values to quantize). {meta_weight_advice(module)}"
-            )
-    return targets
-
-
-def select_targets(module: nn.Module, config: FP8Config) -> list[Target]:
-    """The weights of ``module`` that ``config`` chooses, by names and types alone (meta weights included).
-
-    Raises:
-        FP8Error: a weight that is already held as FP8.
-        TypeError: ``module`` is not an ``nn.Module``.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"fp8ctx works on torch.nn.Module objects, got {type(module).__name__}")
-    canonical = {id(p): name for name, p in module.named_parameters()}
-    # a weight tied to an excluded layer (lm_head tied to the embedding) stays dense: the exclusion wins
-    excluded = _excluded_parameters(module, config.exclude)
-    chosen: dict[int, Target] = {}
-    for layer_name, layer in module.named_modules():
-        for attribute, channel_axis, batch_dims in layer_weights(layer, config, layer_name):
-            weight = layer._parameters[attribute]
-            if id(weight) in chosen or id(weight) in excluded:
-                continue
-            name = canonical.get(id(weight))
-            if name is None or isinstance(weight, FP8Tensor):  # None: swapped in by another thread since the walk
-                raise FP8Error(
-                    f"weight {name or layer_name + '.' + attribute!r} is already held as FP8: this module is inside "
-                    "fp8_weights() or a running functional_call() already (in this or another thread). Enter one "
-                    "fp8_weights() per module, on the outermost module you need."
-                )
-            if weight.dtype not in COMPUTE_DTYPES:
-                logger.debug("fp8ctx: skipping %s (dtype %s is not a float type)", name, weight.dtype)
-                continue
-            chosen[id(weight)] = Target(name, layer_name, weight, channel_axis, batch_dims)
-    order = {name: i for i, name in enumerate(canonical.values())}
-    return sorted(chosen.values(), key=lambda target: order[target.name])
 
 
 def targets_from_store(module: nn.Module, store: Mapping[str, FP8Tensor]) -> list[Target]:

@@ -20,7 +20,8 @@ from ._metrics import OutputReport, compare_outputs, fingerprint, weight_error
 from ._metrics import format_bytes as _size
 from ._inventory import DenseEntry, DenseInventory, dense_inventory
 from ._options import check_originals, check_progress_bar, resolve, stores_for
-from ._plan import Plan, check_exclude
+from ._exclude import check_exclude
+from ._plan import Plan
 from ._quality import check_metric, describe, sample_errors
 from ._runs import caller, measuring, output_of
 from ._sensitivity import measure_layers, model_bytes

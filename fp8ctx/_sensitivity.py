@@ -14,10 +14,12 @@ from ._config import DEFAULT_LAYERS, Exclude, FP8Config
 from ._hold import holding
 from ._metrics import weight_error
 from ._options import check_progress_bar, resolve
-from ._plan import Plan, Target, check_exclude
+from ._exclude import check_exclude
+from ._plan import Plan
 from ._progress import progress
 from ._quality import check_metric, metric_value, sample_errors
 from ._runs import caller, measuring, output_of
+from ._select import Target
 from ._store import FP8Store
 from ._tensor import FP8Tensor
 

@@ -15,7 +15,8 @@ from ._config import Exclude, FP8Config
 from ._errors import FP8Error
 from ._layout import FP8Layout
 from ._options import check_progress_bar, resolve
-from ._plan import Plan, check_exclude, unquantized_tensors
+from ._exclude import check_exclude
+from ._plan import Plan, unquantized_tensors
 from ._progress import progress
 from ._storefile import UNQUANTIZED_DTYPES, check_device, read_store, write_store
 from ._tensor import FP8Tensor

@@ -10,7 +10,8 @@ from torch import nn
 import fp8ctx
 from fp8ctx import DEFAULT_LAYERS, FP8Config, FP8Store
 from fp8ctx._inventory import DenseInventory, dense_inventory
-from fp8ctx._plan import find_targets, targets_from_store
+from fp8ctx._plan import targets_from_store
+from fp8ctx._select import find_targets
 
 EMBEDDING = "embedding (opt-in: layers=DEFAULT_LAYERS + (nn.Embedding,))"
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import fp8ctx
 from fp8ctx import DEFAULT_LAYERS, FP8Error, FP8Store, FP8Tensor, fp8_weights, functional_call
-from test_plan import Codec, zoo
+from test_exclude import Codec
+from test_select import zoo
 
 GRANULARITIES = ["tensor", "channel", "block"]
 STORAGE = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
