@@ -1,12 +1,9 @@
 """`FP8Tensor`: an FP8 weight that presents itself as the dense weight it replaces.
 
 An ``FP8Tensor`` holds FP8 data plus float32 scales (see ``_numerics`` for the convention) and reports the
-original weight's dtype, shape and device. Layers that fp8ctx knows (Linear, Conv*, ConvTranspose*,
-Embedding) reach it through ``__torch_function__`` and run a dedicated path (the handlers of ``_ops``, which
-this module imports: importing the tensor is what registers them; ``_protocols`` likewise decides what NumPy,
-DLPack, storage access and sharing give); every other read of it (``w.float()``,
-``w @ x``, ``w.T``...) falls through to ``__torch_dispatch__``, which dequantizes it first, so no caller ever
-sees raw FP8 codes. Writes into it raise (``_readonly``): an FP8 weight is read-only while held.
+original weight's dtype, shape and device. What torch functions and aten ops do with it is ``_tensor_dispatch``'s
+job (layers fp8ctx knows run their FP8 path; every other read sees the dequantized weight, so no caller ever sees
+raw FP8 codes; writes raise); importing the tensor registers those paths and ``_protocols``' handlers.
 """
 
 from __future__ import annotations
@@ -16,20 +13,15 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map_only
 
 from . import _numerics, _protocols, kernels  # noqa: F401  (_protocols registers its handlers)
 from ._errors import FP8Error
 from ._layout import COMPUTE_DTYPES, FP8Layout, Granularity
-from ._ops import FUNCTIONS
-from ._readonly import ReadOnlyTensor, read_only, refuse_python_writes, refuse_writes
+from ._readonly import ReadOnlyTensor
+from ._tensor_checks import dtype_names, mismatch, non_finite_weight
+from ._tensor_dispatch import torch_dispatch, torch_function
 
 __all__ = ["FP8Meta", "FP8Tensor"]
-
-_aten = torch.ops.aten
-
-# ops that only re-wrap the same storage; they must return an FP8Tensor, not a dense copy
-_ALIASES = {_aten.detach.default, _aten.alias.default}
 
 # the tensors an FP8Tensor wraps (torch.compile traces through them)
 _INNER = ("_data", "_scale")
@@ -114,15 +106,12 @@ class FP8Tensor(ReadOnlyTensor):
         """
         weight = weight.detach()
         if weight.dtype not in COMPUTE_DTYPES:
-            raise FP8Error(f"weight {name!r} must be a tensor of one of {_names(COMPUTE_DTYPES)}, got {weight.dtype}")
+            raise FP8Error(
+                f"weight {name!r} must be a tensor of one of {dtype_names(COMPUTE_DTYPES)}, got {weight.dtype}"
+            )
         scale = _numerics.compute_scale(weight, layout)
         if not bool(torch.isfinite(scale).all()):  # the scale holds the amax, and it is small to check
-            layer = name.rpartition(".")[0]
-            way_out = f"exclude=[{layer!r}]" if layer else "exclude="
-            raise FP8Error(
-                f"weight {name!r} contains NaN or Inf; FP8 cannot represent it. Fix the weight, or leave its layer "
-                f"out with {way_out}"
-            )
+            raise FP8Error(non_finite_weight(name))
         data = _numerics.quantize(weight, scale, layout)
         return _as_parameter(cls(data, scale, FP8Meta(layout, weight.dtype, name)))
 
@@ -154,9 +143,7 @@ class FP8Tensor(ReadOnlyTensor):
         Raises:
             FP8Error: any of the above does not hold (names ``name``, what was expected and what came).
         """
-        problem = _mismatch(data, scale, layout, dtype)
-        if not problem and value_dtype is not None and value_dtype not in COMPUTE_DTYPES:
-            problem = f"the value dtype must be one of {_names(COMPUTE_DTYPES)}, got {value_dtype!r}"
+        problem = mismatch(data, scale, layout, dtype, value_dtype)
         if problem:
             raise FP8Error(f"weight {name!r}: {problem}")
         return _as_parameter(cls(data, scale, FP8Meta(layout, dtype, name, value_dtype)))
@@ -278,39 +265,11 @@ class FP8Tensor(ReadOnlyTensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         # hot path: every layer call and every `.dtype`/`.shape` read of a held weight lands here
-        kwargs = kwargs or {}
-        handler = FUNCTIONS.get(func)
-        if handler is not None and handler.applies(FP8Tensor, args, kwargs):
-            out = handler.run(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out._is_view() and not out.requires_grad and torch.is_grad_enabled():
-                # the kernels compute under no_grad, and autograd refuses to record in-place ops on a view made
-                # there (`embeddings += position_embeddings` with grad enabled); a detached alias has no such
-                # history, and shares the values
-                out = out.detach()
-            return out
-        refuse_python_writes(func, args, kwargs)
-        # unlike torch.Tensor's default, results are never re-wrapped as FP8Tensor
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return torch_function(FP8Tensor, func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func in _ALIASES or _whole_view(func, args, kwargs):
-            return args[0]._rewrap()
-        if func is _aten._to_copy.default:
-            moved = _moved(args[0], **kwargs)
-            if moved is not None:
-                return moved
-        refuse_writes(func, args, kwargs)
-        source = next(t for t in tree_leaves((args, kwargs)) if isinstance(t, FP8Tensor))
-        args, kwargs = tree_map_only(FP8Tensor, FP8Tensor.dequantize, (args, kwargs))
-        out = func(*args, **kwargs)
-        if func.is_view:
-            # views of the temporary dense copy (one, or a list from split/unbind/chunk): writes through
-            # them would be lost, so they must raise
-            out = tree_map_only(torch.Tensor, lambda view: read_only(view, source.param_name), out)
-        return out
+        return torch_dispatch(FP8Tensor, func, args, kwargs or {})
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         # pickle.dumps / torch.save (a held weight, a state_dict() taken inside the block, a store): the FP8
@@ -325,36 +284,6 @@ class FP8Tensor(ReadOnlyTensor):
         return copied
 
 
-def _whole_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """``torch.as_strided(w, w.shape, w.stride(), 0)``: a view of all of ``w`` (FSDP2 makes its unsharded
-    parameter this way), which must stay FP8."""
-    if func is not _aten.as_strided.default:
-        return False
-    weight, size, stride = args[:3]
-    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
-    return tuple(size) == tuple(weight.shape) and tuple(stride) == weight.stride() and offset in (None, 0)
-
-
-def _moved(source: FP8Tensor, dtype: torch.dtype | None = None, device: Any = None, **options: Any) -> FP8Tensor | None:
-    """``.to(device)`` / ``.to(float_dtype)`` keep FP8 storage: the FP8 codes move, the compute dtype changes.
-
-    That is what ``module.to(...)``, ``.cuda()``, ``.half()`` and accelerate's offload hooks need inside the
-    block: each layer's weight stays FP8 on its layer's device instead of becoming a dense copy. Conversions
-    to any other dtype (integers, FP8 formats) return dense values instead (``None`` here).
-    """
-    if dtype is not None and dtype not in COMPUTE_DTYPES:
-        return None
-    non_blocking = bool(options.get("non_blocking", False))
-    data, scale = source._data, source._scale
-    if device is not None:
-        data, scale = data.to(device, non_blocking=non_blocking), scale.to(device, non_blocking=non_blocking)
-    memory_format = options.get("memory_format")
-    if memory_format not in (None, torch.preserve_format):
-        # module.to(memory_format=torch.channels_last): the codes take the layout; the originals follow on exit
-        data = data.contiguous(memory_format=memory_format)
-    return source._rewrap(data, scale) if dtype is None else source._rewrap(data, scale, compute_dtype=dtype)
-
-
 def _rebuild(data: torch.Tensor, scale: torch.Tensor, meta: FP8Meta) -> FP8Tensor:
     """An unpickled FP8 weight, checked like any codes and scales that come from outside."""
     layout = meta.fp8_layout
@@ -366,49 +295,6 @@ def _rebuild(data: torch.Tensor, scale: torch.Tensor, meta: FP8Meta) -> FP8Tenso
 def _as_parameter(tensor: FP8Tensor) -> FP8Tensor:
     """Mark ``tensor`` as an ``nn.Parameter`` (torch's route for tensor subclasses) without grad."""
     return torch.nn.Parameter(tensor, requires_grad=False)  # type: ignore[return-value]
-
-
-def _mismatch(data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, dtype: object) -> str:
-    """What does not fit in codes and scales said to be stored as ``layout`` (empty when all fits)."""
-    if not isinstance(data, torch.Tensor) or data.dtype != layout.storage_dtype:
-        return f"codes must be a {layout.storage_dtype} tensor, got {getattr(data, 'dtype', type(data).__name__)}"
-    if data.dim() and layout.channel_axis >= data.dim():
-        return f"channel_axis {layout.channel_axis} is not an axis of a {data.dim()}-d weight"
-    if layout.batch_dims >= max(data.dim(), 1):
-        return f"batch_dims {layout.batch_dims} leaves no matrix in a {data.dim()}-d weight"
-    want = layout.scale_shape(data.shape)
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != want:
-        got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
-        return f"scales must be float32 of shape {want} for {layout} and codes {tuple(data.shape)}, got {got}"
-    if scale.device != data.device:
-        return f"scales are on {scale.device} but codes on {data.device}; load both onto one device"
-    bad = int((~((scale > 0) & torch.isfinite(scale))).sum())
-    if bad:
-        return f"scales must be positive and finite, as quantizing makes them; {bad} of {scale.numel()} are not (damaged data)"
-    if dtype not in COMPUTE_DTYPES:
-        return f"the original dtype must be one of {_names(COMPUTE_DTYPES)}, got {dtype!r}"
-    bad = _non_finite_codes(data)
-    if bad:
-        return f"codes must be finite, as quantizing makes them; {bad} of {data.numel()} are NaN or Inf (damaged data)"
-    return ""
-
-
-# the exponent (and, for e4m3fn, mantissa) bits that mark NaN/Inf codes: quantizing clamps, so it never writes them
-_NON_FINITE_BITS = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
-
-
-_CODE_CHUNK = 1 << 20  # codes checked at a time: the check's own memory stays a few MiB whatever the weight
-
-
-def _non_finite_codes(data: torch.Tensor) -> int:
-    """How many FP8 codes are NaN or Inf, read from their bits (no float copy of the codes)."""
-    mask = _NON_FINITE_BITS[data.dtype]
-    bits = data.reshape(-1).view(torch.uint8)
-    return sum(int(((chunk & mask) == mask).sum()) for chunk in bits.split(_CODE_CHUNK))
-
-
-def _names(dtypes: tuple[torch.dtype, ...]) -> str:
-    return ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
 
 
 # FP8Meta's fields, read as the tensor's own attributes (w.fp8_layout, w.param_name...), without a second list

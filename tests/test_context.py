@@ -457,8 +457,9 @@ class InterruptAt:
     def _call(self, frame, event, arg):  # type: ignore[no-untyped-def]
         # the steps of entry and exit; not the stand-in's own interception, which runs inside torch's
         # __torch_function__ machinery (an exception raised there by a tracer leaves torch's
-        # torch-function state disabled, which a real signal, arriving between bytecodes, does not)
-        if frame.f_code.co_name in ("__torch_function__", "__torch_dispatch__"):
+        # torch-function state disabled, which a real signal, arriving between bytecodes, does not); the methods
+        # hand their calls to _tensor_dispatch's two functions, which are that interception too
+        if frame.f_code.co_name in ("__torch_function__", "__torch_dispatch__", "torch_function", "torch_dispatch"):
             return None
         return self._line if frame.f_globals.get("__name__", "").startswith("fp8ctx") else None
 
