@@ -208,7 +208,7 @@ def test_within_budget_the_verdict_says_ok_and_rows_default_to_the_worst_by_sqnr
     assert len(result.worst(None)) == 15 and "(12 of 15 weights shown" in result.table()
     assert result.table(None).count(".weight") == 15
     assert result.model_bytes == sum(p.numel() * 4 for p in model.parameters())
-    assert f"whole model: {fp8ctx._report._size(result.model_bytes)}" in str(result)
+    assert f"whole model: {fp8ctx._metrics.format_bytes(result.model_bytes)}" in str(result)
     asked = fp8ctx.report(model, torch.randn(4, 16), layer_errors=True)  # on request: measured, sorted by it
     errors = [row.output_error for row in asked.worst(None)]
     assert None not in errors and errors == sorted(errors, reverse=True)
