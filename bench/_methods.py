@@ -52,6 +52,8 @@ class Method:
     # Why a forward cannot be captured in a CUDA graph, or None. Hooks that assign `.data` during a
     # forward would leave the parameters in the graph's private memory, freed with the graph.
     graph_unsafe: str | None = None
+    # The method its ratios are taken against (compiled methods: compiled bf16).
+    reference: str = "bf16"
     extra: dict = field(default_factory=dict)
 
 
@@ -327,6 +329,47 @@ for _g, (_kw, _about) in _GRANULARITIES.items():
 register_fp8ctx("fp8ctx-channel-fp8mm", {"granularity": "channel", "compute": "fp8"},
                 "fp8ctx with compute='fp8': activations rounded to e4m3 per token, FP8 matmul "
                 "(torch._scaled_mm on sm_89+)", ctx_timings=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the same setups with the forward compiled, compared with compiled bf16
+# ---------------------------------------------------------------------------------------------
+
+def make_compiled(base: Method) -> Callable:
+    """`base`'s setup, then ``model.forward = torch.compile(model.forward, dynamic=False)`` (one graph
+    per input shape, as a fixed-resolution pipeline has); teardown removes the compiled forward before
+    `base`'s teardown, so fp8ctx's exit sees the model as it was entered."""
+
+    def setup(model, wl, info):
+        model, base_teardown = base.setup(model, wl, info)
+        import torch._dynamo  # noqa: PLC0415
+
+        from torch._dynamo.utils import counters  # noqa: PLC0415
+
+        torch._dynamo.reset()  # no graph of an earlier method is reused
+        counters.clear()
+        model.forward = torch.compile(model.forward, dynamic=False)
+        info["compiled"] = "torch.compile(model.forward, dynamic=False), inductor defaults"
+
+        def teardown():
+            info["graph_breaks"] = sum(counters["graph_break"].values())
+            info["graph_break_reasons"] = sorted(counters["graph_break"])[:10]
+            try:
+                del model.forward
+            finally:
+                base_teardown()
+                torch._dynamo.reset()
+
+        return model, teardown
+
+    return setup
+
+
+for _base in ("bf16", "fp8ctx-channel", "fp8ctx-channel-fp8mm"):
+    _m = REGISTRY[_base]
+    register(f"{_base}-compiled", make_compiled(_m), family=_m.family, unavailable=_m.unavailable,
+             about=f"{_base} with the forward under torch.compile (ratios against bf16-compiled)",
+             default=lambda: False, reference="bf16-compiled", extra=dict(_m.extra))
 
 
 # ---------------------------------------------------------------------------------------------

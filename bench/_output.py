@@ -93,7 +93,7 @@ def text_table(report: dict, width: int = 100) -> str:
                  "transient peak")
     lines.append("of one forward; latency = median per case (cases in [..]); rel err = max over "
                  "cases vs bf16;")
-    lines.append("x bf16 = ratio to bf16 (first run); graph x bf16 = the same ratio for GPU time "
+    lines.append("x bf16 = ratio to bf16 (first run; *-compiled: to bf16-compiled); graph x bf16 = the same ratio for GPU time "
                  "alone (CUDA graph,")
     lines.append("L2 flushed between calls; '-' = not captured); exact = bit-exact after teardown; "
                  "#2 = second run (noise)")

@@ -178,12 +178,10 @@ def run_one(dev: Dev, wl, method: M.Method, run_idx: int, inputs: dict, ref: dic
 
 
 def _fill_ratios(results: list[dict]) -> None:
-    bf = next((r for r in results if r["base_method"] == "bf16" and r["run"] == 1
-               and r["status"] == "ok"), None)
-    if bf is None:
-        return
+    firsts = {r["base_method"]: r for r in results if r["run"] == 1 and r["status"] == "ok"}
     for r in results:
-        if r["status"] != "ok":
+        bf = firsts.get(M.REGISTRY[r["base_method"]].reference)
+        if r["status"] != "ok" or bf is None:
             continue
         if r.get("resident_bytes") is not None and bf.get("resident_bytes"):
             r["resident_ratio"] = r["resident_bytes"] / bf["resident_bytes"]
