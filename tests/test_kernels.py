@@ -115,6 +115,38 @@ def test_compile_inside_the_context_on_gpu():
     assert relative_error(compiled, eager) < 1e-2
 
 
+@cuda
+def test_compiled_fp8_compute_traces_the_rounding_as_torch_ops_for_the_compiler_to_fuse():
+    if not torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("FP8 GEMMs need sm_89+")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 256)).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 48, 512, device="cuda", dtype=torch.bfloat16)
+    graphs = []
+    torch._dynamo.reset()
+    with fp8_weights(model, granularity="channel", compute="fp8"), torch.no_grad():
+        eager = model(x)
+        traced = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+        torch._dynamo.reset()
+        inductor = torch.compile(model, fullgraph=True)(x)
+    ops_seen = set().union(*graphs)
+    assert "aten._scaled_mm.default" in ops_seen and "fp8ctx.fp8_linear.default" not in ops_seen, ops_seen
+    assert torch.equal(traced, eager)  # the torch-ops rounding is the Triton quantizer's, bit for bit
+    assert relative_error(inductor, eager) < 1e-2  # the compiler's fused rounding may move a code by one step
+
+
+@cuda
+def test_compiled_fp8_compute_with_gradients_keeps_the_op_and_its_formula():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to("cuda", torch.bfloat16)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    graphs = []
+    torch._dynamo.reset()
+    with fp8_weights(model, granularity="channel", compute="fp8"):
+        torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x).float().square().sum().backward()
+    assert "fp8ctx.fp8_linear.default" in set().union(*graphs) and x.grad is not None
+
+
 # -- the opt-in FP8-compute path ------------------------------------------------------------------------
 
 

@@ -124,6 +124,9 @@ def fp8_linear(
     """
     if _eager(x, data):
         return _impl.fp8_linear(x, data, scale, layout, dtype, bias)
+    traced = _impl.fp8_linear_in_torch_ops(x, data, scale, layout, dtype, bias)
+    if traced is not None:
+        return traced
     return ops.fp8_linear(x, data, scale, *layout_args(layout)[:2], dtype, bias)
 
 

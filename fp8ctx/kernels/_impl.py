@@ -114,20 +114,49 @@ def fp8_linear(
         return linear(x, data, scale, layout, dtype, bias)
     n, k = data.shape
     x2d = x if x.dim() == 2 else x.reshape(-1, k)
-    # (1, N): one factor per output channel (a view for "channel"; "tensor" repeats its one scale)
-    row_scales = scale.view(1, n) if scale.dim() == 1 else scale.reshape(1, 1).expand(1, n).contiguous()
     if _scaled_mm_applies(x2d, data):
         fused = triton_module()
-        q, x_scales = fused.quantize_rows(x2d) if fused is not None else quantize_rows_torch(x2d)
-        out = torch._scaled_mm(
-            q, data.t(), scale_a=x_scales, scale_b=row_scales, bias=None if bias is None else bias.to(dtype),
-            out_dtype=dtype,
-        )  # fmt: skip
+        out = _scaled_mm_linear(x2d, data, scale, dtype, bias, fused.quantize_rows if fused else quantize_rows_torch)
     else:
         q, x_scales = quantize_rows_torch(x2d)
         # the emulation: exact products of FP8 values, summed in float32, scaled, bias added, rounded once
-        out = (q.float() @ data.float().t()) * x_scales * row_scales
+        out = (q.float() @ data.float().t()) * x_scales * _row_scales(scale, n)
         if bias is not None:
             out = out + bias.to(dtype).float()
         out = out.to(dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+
+
+def fp8_linear_in_torch_ops(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    layout: FP8Layout,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`fp8_linear` for a tracer, written in torch ops (the per-token rounding, then ``torch._scaled_mm``)
+    so that ``torch.compile`` fuses the rounding into the kernel that produced ``x`` instead of running it as a
+    pass of its own. None where the registered op must be recorded instead: no FP8 GEMM on this device, or
+    gradients to compute (``torch._scaled_mm`` has no derivative; the op has a formula)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad or not fp8_compute_supported(layout) or x.dtype != dtype:
+        return None
+    n, k = data.shape
+    x2d = x.reshape(-1, k)
+    if not _scaled_mm_applies(x2d, data):
+        return None
+    return _scaled_mm_linear(x2d, data, scale, dtype, bias, quantize_rows_torch).reshape(*x.shape[:-1], n)
+
+
+def _row_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
+    # (1, N): one factor per output channel (a view for "channel"; "tensor" repeats its one scale)
+    return scale.view(1, n) if scale.dim() == 1 else scale.reshape(1, 1).expand(1, n).contiguous()
+
+
+def _scaled_mm_linear(x2d, data, scale, dtype, bias, quantize_rows) -> torch.Tensor:
+    q, x_scales = quantize_rows(x2d)
+    return torch._scaled_mm(
+        q, data.t(), scale_a=x_scales, scale_b=_row_scales(scale, data.shape[0]),
+        bias=None if bias is None else bias.to(dtype), out_dtype=dtype,
+    )  # fmt: skip
