@@ -122,6 +122,9 @@ def test_compiled_fp8_compute_traces_the_rounding_as_torch_ops_for_the_compiler_
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 256)).to("cuda", torch.bfloat16)
     x = torch.randn(2, 48, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        dense = model.float()(x.float())
+        model.to(torch.bfloat16)
     graphs = []
     torch._dynamo.reset()
     with fp8_weights(model, granularity="channel", compute="fp8"), torch.no_grad():
@@ -132,7 +135,9 @@ def test_compiled_fp8_compute_traces_the_rounding_as_torch_ops_for_the_compiler_
     ops_seen = set().union(*graphs)
     assert "aten._scaled_mm.default" in ops_seen and "fp8ctx.fp8_linear.default" not in ops_seen, ops_seen
     assert torch.equal(traced, eager)  # the torch-ops rounding is the Triton quantizer's, bit for bit
-    assert relative_error(inductor, eager) < 1e-2  # the compiler's fused rounding may move a code by one step
+    # the compiler keeps GELU's output in float32 before rounding it to FP8, so codes may move by a step: compiled
+    # FP8 compute must be as close to the dense float32 model as eager FP8 compute is
+    assert relative_error(inductor, dense) <= 1.1 * relative_error(eager, dense)
 
 
 @cuda
