@@ -141,6 +141,28 @@ def test_compiled_fp8_compute_traces_the_rounding_as_torch_ops_for_the_compiler_
 
 
 @cuda
+@pytest.mark.parametrize("route", ["dequant", "fused:mid"])
+def test_compiled_weight_only_traces_torch_ops_where_the_route_is_dequantize_and_cublas(monkeypatch, route):
+    from fp8ctx._layout import FP8Layout
+    from fp8ctx.kernels import _route
+
+    torch.manual_seed(0)
+    model = nn.Linear(1024, 768).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
+    key = _route.key_of(600, 768, 1024, x.dtype, x.device, FP8Layout("channel"), torch.float8_e4m3fn, True)
+    monkeypatch.setattr(_route, "_routes", {key: route})
+    monkeypatch.setattr(_route, "resolved", {})
+    graphs = []
+    torch._dynamo.reset()
+    with fp8_weights(model, granularity="channel"), torch.no_grad():
+        eager = model(x)
+        traced = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+    ops_seen = set().union(*graphs)
+    assert ("fp8ctx.linear.default" in ops_seen) == (route != "dequant"), ops_seen
+    assert torch.equal(traced, eager)  # the same dequantized weight and the same GEMM, or the same op
+
+
+@cuda
 def test_compiled_fp8_compute_with_gradients_keeps_the_op_and_its_formula():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to("cuda", torch.bfloat16)

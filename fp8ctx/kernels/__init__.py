@@ -7,7 +7,11 @@ the rounding of the compute dtype), whichever way it runs:
   CUDA GPU that supports FP8 conversion, pure torch elsewhere) — no dispatcher on the hot path;
 * under a tracer (``torch.compile``, ``torch.export``, ``make_fx``) or on tensor subclasses, the call goes
   through the registered op (``torch.ops.fp8ctx.linear`` and its siblings, ``_library``), which the graph
-  records as one node with a fake implementation for shapes and which runs the same implementation.
+  records as one node with a fake implementation for shapes and which runs the same implementation — except
+  on the GPU without gradients where the call's route is plain torch work: dequantize + cuBLAS
+  (``_impl.linear_in_torch_ops``) and FP8 compute's per-token rounding + ``torch._scaled_mm``
+  (``_impl.fp8_linear_in_torch_ops``) are traced as torch ops, so the compiler fuses the elementwise parts
+  with their neighbours and launches them without a custom op's dispatch.
 
 ``use_backend("torch")`` switches the fused kernels off (benchmarks compare both in one process). On the GPU,
 which of the fused kernel and dequantize + cuBLAS runs a given shape is measured once and remembered
@@ -101,6 +105,9 @@ def linear(
     """
     if _eager(x, data):
         return _impl.linear(x, data, scale, layout, dtype, bias)
+    traced = _impl.linear_in_torch_ops(x, data, scale, layout, dtype, bias)
+    if traced is not None:
+        return traced
     return ops.linear(x, data, scale, *layout_args(layout)[:2], dtype, bias)
 
 

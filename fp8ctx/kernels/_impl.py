@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import _numerics
 from .._layout import FP8Layout, Granularity
+from . import _route
 from ._capability import capability
 from ._quantize import ACTIVATION_DTYPE, quantize_rows_torch
 
@@ -59,6 +60,35 @@ def linear(
     fused = _fused(x, data) if x.dtype == dtype and tiles_fit else None
     if fused is not None:
         return fused.w8a16_linear(x, data, scale, layout, bias)
+    return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
+
+
+def linear_in_torch_ops(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    layout: FP8Layout,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`linear` for a tracer, as dequantize + ``F.linear`` in torch ops, where that is the route this shape
+    takes on the GPU: the compiler then launches its own dequantize kernel beside the GEMM instead of a custom op
+    whose dispatch costs more host time than the call's GPU work at small sizes. None where the registered op must
+    be recorded: the fused kernel is this shape's route, sizes are symbolic, the call is off the GPU (the op
+    records the same math there), or gradients are to be computed (the op's formula rebuilds the dense weight
+    in backward instead of saving it)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad or not x.is_cuda or backend[0] != "auto" or data.dim() != 2:
+        return None
+    n, k = data.shape
+    tokens = x.numel() // k if k else 0
+    if not all(isinstance(size, int) for size in (tokens, n, k)) or 0 in (tokens, n, k):
+        return None
+    fused = _fused(x, data) if x.dtype == dtype else None
+    if fused is not None:
+        key = _route.key_of(tokens, n, k, x.dtype, x.device, layout, data.dtype, bias is not None)
+        if _route.known_or_default(key, tokens, n, k) != "dequant":
+            return None
     return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
 
 

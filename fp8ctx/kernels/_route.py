@@ -24,7 +24,7 @@ from .._errors import FP8Error
 from ._capability import device_name
 from ._plan import CFG_MID, CFG_T16, CFG_T64, CFG_T64_SMALL_W, FUSED_CONFIGS, KernelConfig, pick_config
 
-__all__ = ["ROUTES", "RouteKey", "choose", "routes", "set_tuning"]
+__all__ = ["ROUTES", "RouteKey", "choose", "key_of", "known_or_default", "routes", "set_tuning"]
 
 ROUTES = ("fused", "dequant")
 _FILE_VERSION = 1
@@ -83,6 +83,26 @@ def default_route(tokens: int, n: int, k: int) -> str:
     return "dequant" if config is None else "fused:" + _config_name(config)
 
 
+def key_of(tokens: int, n: int, k: int, dtype: torch.dtype, device: torch.device, layout, fp8_dtype, bias: bool) -> RouteKey:
+    """The route key of a call (see :func:`routes`)."""
+    return (
+        token_bucket(tokens), n, k, str(dtype), device_name(device), layout.granularity.value, layout.block_size,
+        str(fp8_dtype), bias,
+    )  # fmt: skip
+
+
+def known_or_default(key: RouteKey, tokens: int, n: int, k: int) -> str:
+    """The route measured for ``key`` so far (in this process or the cache file), else the default: what a tracer,
+    which has no real inputs to time, goes by."""
+    known = _routes.get(key)
+    if known is None:
+        path = _file_of(key[4])
+        if path is not None and path not in _loaded_files:
+            _load(path)
+            known = _routes.get(key)
+    return known if known is not None else default_route(tokens, n, k)
+
+
 def _config_name(config: KernelConfig) -> str:
     return next((name for name, known in FUSED_CONFIGS.items() if known == config), "t16")
 
@@ -125,10 +145,14 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def _file(device: torch.device) -> Path | None:
+    return _file_of(device_name(device))
+
+
+def _file_of(device_name: str) -> Path | None:
     folder = _cache_dir[0]
     if folder is None:
         return None
-    name = device_name(device).replace(" ", "_").replace("/", "_")
+    name = device_name.replace(" ", "_").replace("/", "_")
     return folder / f"routes-{name}.json"
 
 

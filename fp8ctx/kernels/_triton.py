@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .._errors import FP8Error
 from .._layout import FP8Layout
 from . import _route
-from ._capability import ACT_DTYPES, FP8_DTYPES, HAS_TRITON, device_name, is_supported, require_triton
+from ._capability import ACT_DTYPES, FP8_DTYPES, HAS_TRITON, is_supported, require_triton
 from ._dequant import check_scale, dequantize, embedding
 from ._plan import KernelConfig
 from ._quantize import quantize_rows
@@ -131,10 +131,7 @@ def _w8a16_linear(
     elif route == "dequant":
         chosen = "dequant"
     else:
-        route_key = (
-            _route.token_bucket(M), N, K, str(x.dtype), device_name(x.device),
-            layout.granularity.value, layout.block_size, str(data.dtype), bias is not None,
-        )  # fmt: skip
+        route_key = _route.key_of(M, N, K, x.dtype, x.device, layout, data.dtype, bias is not None)
         chosen = _route.choose(route_key, M, N, K, x.device, run)
         if not torch.cuda.is_current_stream_capturing() or route_key in _route.routes():
             fused = _route.config_of(chosen)
