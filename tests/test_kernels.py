@@ -176,7 +176,7 @@ def test_compiled_fp8_compute_with_gradients_keeps_the_ops_with_a_formula():
     ops_seen = set().union(*graphs)
     # torch._scaled_mm has no derivative: with gradients the graph keeps fp8ctx's ops, whose formulas give them
     assert "aten._scaled_mm.default" not in ops_seen and any(op.startswith("fp8ctx.") for op in ops_seen), ops_seen
-    assert torch.equal(x.grad, eager_grad)
+    assert relative_error(x.grad, eager_grad) < 1e-3
 
 
 # -- the opt-in FP8-compute path ------------------------------------------------------------------------
