@@ -163,6 +163,32 @@ def test_compiled_weight_only_traces_torch_ops_where_the_route_is_dequantize_and
 
 
 @cuda
+def test_a_tracer_measures_the_route_of_a_shape_no_call_has_measured(monkeypatch):
+    from fp8ctx._layout import FP8Layout
+    from fp8ctx.kernels import _impl, _route
+
+    if _impl.triton_module() is None:
+        pytest.skip("needs Triton (the fused route)")
+    monkeypatch.setattr(_route, "_routes", {})
+    monkeypatch.setattr(_route, "resolved", {})
+    timed, real_timer = [], _route._time_ms
+    monkeypatch.setattr(_route, "_time_ms", lambda *args: timed.append(1) or real_timer(*args))
+    torch.manual_seed(0)
+    model = nn.Linear(1024, 768).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
+    key = _route.key_of(600, 768, 1024, x.dtype, x.device, FP8Layout("channel"), torch.float8_e4m3fn, True)
+    graphs = []
+    torch._dynamo.reset()
+    with fp8_weights(model, granularity="channel"), torch.no_grad():
+        traced = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+        assert key in _route.routes() and len(timed) == 2  # both routes timed while tracing, before any eager call
+        eager = model(x)
+    assert len(timed) == 2  # the eager call and the graph's op reuse the measurement
+    assert ("fp8ctx.linear.default" in set().union(*graphs)) == (_route.routes()[key] != "dequant")
+    assert torch.equal(traced, eager)
+
+
+@cuda
 def test_compiled_fp8_compute_with_gradients_keeps_the_ops_with_a_formula():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to("cuda", torch.bfloat16)

@@ -74,7 +74,8 @@ def linear_in_torch_ops(
     """:func:`linear` for a tracer, as dequantize + ``F.linear`` in torch ops, where that is the route this shape
     takes on the GPU: the compiler then launches its own dequantize kernel beside the GEMM instead of a custom op
     whose dispatch costs more host time than the call's GPU work at small sizes. None where the registered op must
-    be recorded: the fused kernel is this shape's route, sizes are symbolic, the call is off the GPU (the op
+    be recorded: the fused kernel is this shape's route (measured now on made-up inputs of the call's sizes where
+    no call measured it before), sizes are symbolic, the call is off the GPU (the op
     records the same math there), or gradients are to be computed (the op's formula rebuilds the dense weight
     in backward instead of saving it)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
@@ -86,8 +87,13 @@ def linear_in_torch_ops(
         return None
     fused = _fused(x, data) if x.dtype == dtype else None
     if fused is not None:
-        key = _route.key_of(tokens, n, k, x.dtype, x.device, layout, data.dtype, bias is not None)
-        if _route.known_or_default(key, tokens, n, k) != "dequant":
+        has_bias = bias is not None
+        key = _route.key_of(tokens, n, k, x.dtype, x.device, layout, data.dtype, has_bias)
+
+        def measure() -> None:
+            fused.measure_route(tokens, n, k, x.dtype, x.device, layout, data.dtype, has_bias)
+
+        if _route.for_tracer(key, tokens, n, k, measure) != "dequant":
             return None
     return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
 

@@ -24,7 +24,7 @@ from .._errors import FP8Error
 from ._capability import device_name
 from ._plan import CFG_MID, CFG_T16, CFG_T64, CFG_T64_SMALL_W, FUSED_CONFIGS, KernelConfig, pick_config
 
-__all__ = ["ROUTES", "RouteKey", "choose", "key_of", "known_or_default", "routes", "set_tuning"]
+__all__ = ["ROUTES", "RouteKey", "choose", "for_tracer", "key_of", "routes", "set_tuning"]
 
 ROUTES = ("fused", "dequant")
 _FILE_VERSION = 1
@@ -91,15 +91,19 @@ def key_of(tokens: int, n: int, k: int, dtype: torch.dtype, device: torch.device
     )  # fmt: skip
 
 
-def known_or_default(key: RouteKey, tokens: int, n: int, k: int) -> str:
-    """The route measured for ``key`` so far (in this process or the cache file), else the default: what a tracer,
-    which has no real inputs to time, goes by."""
+def for_tracer(key: RouteKey, tokens: int, n: int, k: int, measure: Callable[[], object]) -> str:
+    """The route a tracer records for ``key``: the one measured so far (in this process or the cache file), else
+    measured now by ``measure()`` (which runs the call on made-up inputs of the same sizes: a tracer has no real
+    ones), else — tuning off, or a CUDA graph being captured — the default."""
     known = _routes.get(key)
     if known is None:
         path = _file_of(key[4])
         if path is not None and path not in _loaded_files:
             _load(path)
             known = _routes.get(key)
+    if known is None and _state["enabled"] and not torch.cuda.is_current_stream_capturing():
+        measure()
+        known = _routes.get(key)
     return known if known is not None else default_route(tokens, n, k)
 
 

@@ -75,6 +75,23 @@ def w8a16_linear(
     return _w8a16_linear(key, x, data, scale, layout, bias, config, route)
 
 
+def measure_route(
+    tokens: int, n: int, k: int, dtype: torch.dtype, device: torch.device, layout: FP8Layout, fp8_dtype: torch.dtype,
+    bias: bool,
+) -> None:
+    """Choose the route of a ``(tokens, K) x (N, K)`` call by timing it on inputs made up for the purpose, for a
+    tracer whose inputs are fake: the time depends on the sizes, not on the values. The inputs are real tensors
+    made outside the tracer's modes and freed on return."""
+    from torch.utils._python_dispatch import _disable_current_modes  # noqa: PLC0415
+
+    with _disable_current_modes(), torch.no_grad():
+        x = torch.randn(tokens, k, device=device, dtype=dtype)
+        # positive finite codes of either FP8 format, one byte each
+        codes = torch.randint(0, 120, (n, k), dtype=torch.uint8, device=device).view(fp8_dtype)
+        scale = torch.ones(layout.scale_shape((n, k)), dtype=torch.float32, device=device)
+        w8a16_linear(x, codes, scale, layout, torch.zeros(n, device=device, dtype=dtype) if bias else None)
+
+
 def _dequantize_route(
     x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, layout: FP8Layout, bias: torch.Tensor | None
 ) -> torch.Tensor:
