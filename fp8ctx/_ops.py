@@ -28,7 +28,7 @@ from ._errors import FP8Error
 if TYPE_CHECKING:
     from ._tensor import FP8Tensor
 
-__all__ = ["FUNCTIONS", "Handler", "implements"]
+__all__ = ["FUNCTIONS", "OPERATORS", "Handler", "implements", "implements_operator", "operator_handler"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,34 @@ def implements(
         return run
 
     return register
+
+
+# a library's own operator (``torch.ops.<namespace>.<name>``), by qualified name -> its dedicated FP8 path: the
+# operator object exists only once its library has registered it, which fp8ctx does not import
+OPERATORS: dict[str, Handler] = {}
+LIBRARY_OPERATORS = (torch._ops.OpOverloadPacket, torch._ops.OpOverload)
+
+
+def implements_operator(
+    *names: str,
+    weight_at: int = 1,
+    weight_keyword: str = "weight",
+    when: Callable[..., bool] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Like :func:`implements`, for library operators named ``"namespace::name"`` (any of their overloads)."""
+
+    def register(run: Callable[..., Any]) -> Callable[..., Any]:
+        for name in names:
+            OPERATORS[name] = Handler(run, weight_at, weight_keyword, when)
+        return run
+
+    return register
+
+
+def operator_handler(operator: torch._ops.OpOverloadPacket | torch._ops.OpOverload) -> Handler | None:
+    """The handler registered for a library operator (called as a packet or as one of its overloads), if any."""
+    packet = getattr(operator, "overloadpacket", operator)
+    return OPERATORS.get(packet._qualified_op_name)
 
 
 def _records_grad(*tensors: Any) -> bool:
@@ -266,6 +294,17 @@ def _grouped_mm(
             out[start:end] = F.linear(mat_a[start:end], mat_b.matrix(expert).transposed())
         start = end
     return out
+
+
+@implements_operator(
+    "transformers::grouped_mm_fallback",
+    when=lambda input, weight, offs: _grouped_by_offsets(input, weight, offs),
+)
+def _transformers_grouped_mm(input: torch.Tensor, weight: FP8Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # transformers' own grouped matmul, taken where torch has no grouped_mm kernel (torch < 2.9 on a CPU,
+    # unaligned CPU tensors, torch.compile with non-bf16 weights): the same per-expert path, not a dense copy of
+    # every expert through the operator's generic fall-back
+    return _grouped_mm(input, weight, offs)
 
 
 def _batched_matmul(input: Any, mat2: Any, **kwargs: Any) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ._layout import COMPUTE_DTYPES
-from ._ops import FUNCTIONS
+from ._ops import FUNCTIONS, LIBRARY_OPERATORS, operator_handler
 from ._readonly import read_only, refuse_python_writes, refuse_writes
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ def torch_function(fp8_type: type[FP8Tensor], func: Any, args: tuple[Any, ...], 
     """``func(*args, **kwargs)`` at the torch-function level: its FP8 path when ``_ops`` has one that takes these
     arguments, else the plain call (writes refused), whose results are never re-wrapped as ``fp8_type``."""
     handler = FUNCTIONS.get(func)
+    if handler is None and isinstance(func, LIBRARY_OPERATORS):
+        handler = operator_handler(func)
     if handler is not None and handler.applies(fp8_type, args, kwargs):
         out = handler.run(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out._is_view() and not out.requires_grad and torch.is_grad_enabled():

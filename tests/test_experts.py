@@ -29,7 +29,9 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: 
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
-IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm"]
+# grouped_mm_fallback: grouped_mm where torch has no kernel for it (torch < 2.9 on a CPU, unaligned CPU tensors,
+# torch.compile with non-bf16 weights), so transformers runs its own operator, transformers::grouped_mm_fallback
+IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm", "grouped_mm_fallback"]
 GRANULARITIES = ["tensor", "channel", "block"]
 EXPERTS = 8
 VOCAB = 64
@@ -81,10 +83,21 @@ def supported(config) -> list[str]:
     return ["eager"] + [name for name in ("batched_mm", "grouped_mm") if name in ALL_EXPERTS_FUNCTIONS]
 
 
-def experts_module(arch: str, implementation: str) -> nn.Module:
+def transformers_implementation(implementation: str, monkeypatch: pytest.MonkeyPatch | None) -> str:
+    """The experts implementation to ask transformers for; for ``grouped_mm_fallback``, grouped_mm with torch's
+    kernel ruled out (whatever torch this is), as transformers itself rules it out on older torch."""
+    if implementation != "grouped_mm_fallback":
+        return implementation
+    from transformers.integrations import moe
+
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *args, **kwargs: False)
+    return "grouped_mm"
+
+
+def experts_module(arch: str, implementation: str, monkeypatch: pytest.MonkeyPatch | None = None) -> nn.Module:
     make_config, _, experts_class = ARCHITECTURES[arch]
     config = make_config()
-    config._experts_implementation = implementation
+    config._experts_implementation = transformers_implementation(implementation, monkeypatch)
     torch.manual_seed(0)
     experts = experts_class(config)
     with torch.no_grad():
@@ -142,7 +155,7 @@ class DequantizeLog:
 def test_experts_match_a_per_expert_reference_and_only_routed_experts_are_dequantized(
     arch, implementation, granularity, monkeypatch
 ):
-    experts = experts_module(arch, implementation)
+    experts = experts_module(arch, implementation, monkeypatch)
     reference = reference_experts(experts, granularity)
     hidden = torch.randn(5, 32)
     index, weights = routing(5, used=[1, 6])
@@ -170,7 +183,7 @@ def test_experts_match_a_per_expert_reference_and_only_routed_experts_are_dequan
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_bf16_experts_on_each_device_touch_only_the_routed_experts(arch, implementation, device, monkeypatch):
     # on a GPU the Linear path and dense copies are fused kernels: count the codes that reach any of them
-    experts = experts_module(arch, implementation).to(device, torch.bfloat16)
+    experts = experts_module(arch, implementation, monkeypatch).to(device, torch.bfloat16)
     reference = reference_experts(experts, "channel")
     hidden = torch.randn(6, 32, device=device, dtype=torch.bfloat16)
     index, weights = routing(6, used=[2, 7])
@@ -202,8 +215,9 @@ def test_bf16_experts_on_each_device_touch_only_the_routed_experts(arch, impleme
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_moe_models_match_the_reference_and_restore_exactly(arch, implementation):
+def test_moe_models_match_the_reference_and_restore_exactly(arch, implementation, monkeypatch):
     make_config, model_class, _ = ARCHITECTURES[arch]
+    implementation = transformers_implementation(implementation, monkeypatch)
     assert implementation in supported(make_config())
     torch.manual_seed(0)
     model = model_class(make_config()).eval()
@@ -228,9 +242,9 @@ def test_moe_models_match_the_reference_and_restore_exactly(arch, implementation
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
-def test_gradients_reach_the_inputs_through_held_experts(implementation):
-    experts = experts_module("qwen3_moe", implementation)
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "grouped_mm_fallback"])
+def test_gradients_reach_the_inputs_through_held_experts(implementation, monkeypatch):
+    experts = experts_module("qwen3_moe", implementation, monkeypatch)
     reference = reference_experts(experts, "channel")
     index, weights = routing(4, used=[0, 3, 5])
     hidden = torch.randn(4, 32)
