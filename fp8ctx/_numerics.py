@@ -145,9 +145,12 @@ def compute_scale(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
     shape = layout.scale_shape(weight.shape)
     if weight.numel() == 0:  # nothing to scale; amax of an empty group is undefined
         return torch.ones(shape, dtype=torch.float32, device=weight.device)
-    # amax in float32: bf16/fp16 amax is exact, but the division must not round twice
-    matrices = _view_3d(weight.detach().abs().float(), layout)
-    amax = _tiles(matrices, _tile_edges(layout, *matrices.shape[1:])).amax(dim=(3, 4))
+    matrices = _view_3d(weight.detach(), layout)
+    tiles = _tiles(matrices, _tile_edges(layout, *matrices.shape[1:]))
+    # max |w| per tile with no |w| copy of the weight (a weight-sized temporary per call fragments the host heap
+    # of older torch: RSS grew by a weight per tensor across a checkpoint); exact in any dtype, then float32 so
+    # that the division does not round twice
+    amax = torch.linalg.vector_norm(tiles, ord=math.inf, dim=(3, 4)).float()
     return scale_from_amax(amax, layout.fp8_max).reshape(shape)
 
 
@@ -172,7 +175,9 @@ def quantize(weight: torch.Tensor, scale: torch.Tensor, layout: FP8Layout) -> to
     scaled = _rescaled(weight.detach().float(), scale, layout, divide=True)
     # w / (amax / max) can round a hair above max; e4m3fn has no inf and would turn that into NaN
     limit = layout.fp8_max
-    return scaled.clamp(-limit, limit).to(layout.storage_dtype).contiguous()
+    # in place: ``scaled`` is the division's own result (one weight-sized temporary, not two)
+    clamped = scaled.clamp_(-limit, limit) if scaled.numel() else scaled
+    return clamped.to(layout.storage_dtype).contiguous()
 
 
 @torch.no_grad()

@@ -301,3 +301,19 @@ def test_peak_host_memory_is_the_store_plus_about_one_tensor_not_the_checkpoint(
     # machine (measured beyond the store: 36 MB alone, 86-119 MB inside the full suite), so the bound is half
     # the checkpoint: reading it whole, or a dense copy of the model, would need all of it
     assert figures["extra"] - figures["store"] < 0.5 * size, figures
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("row", [0, 1000])  # in the first rows read, or in a later chunk of them
+def test_a_nan_or_inf_anywhere_in_a_checkpoint_weight_is_refused(tmp_path, granularity, bad, row):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = {"weight": torch.randn(1024, 1024), "bias": torch.randn(1024)}
+    weights["weight"][row, 7] = bad
+    save_file(weights, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        skeleton = nn.Linear(1024, 1024)
+    with pytest.raises(FP8Error, match=r"weight 'weight' contains NaN or Inf in the checkpoint"):
+        FP8Store.from_checkpoint(skeleton, tmp_path, granularity=granularity, block_size=128)
