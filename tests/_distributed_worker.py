@@ -60,12 +60,16 @@ def replicas(rank: int, world: int) -> dict:
     return {"out": out, "held": held}
 
 
+# the collective FSDP2 all-gathers with: torch 2.13 names it all_gather_single, older torch all_gather_into_tensor
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
 class AllGatherBytes:
     """Counts the bytes each rank sends into FSDP2's all-gathers (device-independent)."""
 
     def __init__(self) -> None:
         self.bytes = 0
-        self._real = dist.all_gather_single
+        self._real = getattr(dist, ALL_GATHER)
 
     def __call__(self, output_tensor, input_tensor, *args, **kwargs):
         self.bytes += input_tensor.numel() * input_tensor.element_size()
@@ -101,7 +105,7 @@ def fsdp(rank: int, world: int) -> dict:
         except FP8Error as error:
             refusals["before_first_forward"] = str(error)
         counter = AllGatherBytes()
-        with mock.patch.object(dist, "all_gather_single", counter):
+        with mock.patch.object(dist, ALL_GATHER, counter):
             plain = model(input_ids=ids).last_hidden_state
         dense_gathered = counter.bytes
         try:
@@ -128,7 +132,7 @@ def fsdp(rank: int, world: int) -> dict:
                     local = slot._local_tensor
                     shards[name] = (type(local).__name__, local.qdata.dtype, tuple(local.shape), tuple(slot.shape),
                                     slot.dtype)
-                with mock.patch.object(dist, "all_gather_single", counter):
+                with mock.patch.object(dist, ALL_GATHER, counter):
                     out = model(input_ids=ids).last_hidden_state
                 model.reshard()  # the root too, so that the next forward gathers everything again
                 # the next all-gathers land in the buffers the first FP8 weights view (fsdp_post_all_gather's out=)
@@ -156,7 +160,7 @@ def fsdp(rank: int, world: int) -> dict:
         assert_restored(model.layers, layers_before)
         # (the root's own embedding and norm stay all-gathered after an error, as FSDP2 leaves them without fp8ctx)
         counter = AllGatherBytes()
-        with mock.patch.object(dist, "all_gather_single", counter):
+        with mock.patch.object(dist, ALL_GATHER, counter):
             results["plain_after"] = model(input_ids=ids).last_hidden_state
         results["dense_gathered_after"] = counter.bytes
         model.reshard()
