@@ -42,8 +42,21 @@ OPS = {
 }
 
 
+# dtypes newer than the oldest torch fp8ctx supports: there the plain tensor has no such conversion either
+NEWER_DTYPES = {"to-float8-e8m0": "float8_e8m0fnu"}
+
+
+def op_params() -> list:
+    return [
+        pytest.param(op, marks=pytest.mark.skipif(
+            not hasattr(torch, NEWER_DTYPES[op]), reason=f"torch {torch.__version__} has no torch.{NEWER_DTYPES[op]}"
+        )) if op in NEWER_DTYPES else op
+        for op in OPS
+    ]
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")])
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", op_params())
 def test_any_op_returns_a_plain_tensor_with_dequantized_values(op, dtype):
     w, original, _ = entry("linear", dtype, granularity="channel")
     dense = reference_qdq(original, "channel")
