@@ -210,8 +210,8 @@ def _quantize_streamed(
             yield start, chunk.to(device=device, dtype=dtype).reshape(-1, inner)
 
     # the codes and the scales are allocated once, before the chunks: small tensors kept per chunk would lie
-    # between the chunks' freed temporaries and keep the host heap from reusing them (RSS then grew by half a
-    # weight per weight on torch 2.6 and 2.7)
+    # between the chunks' freed temporaries and keep the host heap from reusing them (on torch 2.6, RSS then grew
+    # by 12.6 MB per 16 MB float32 weight whose codes are 4 MB; 6 MB per weight with them allocated once)
     codes = torch.empty((rows, inner), dtype=layout.storage_dtype, device=device)
     if layout.granularity is Granularity.TENSOR:
         amax = torch.zeros((), dtype=torch.float32, device=device)

@@ -147,9 +147,9 @@ def compute_scale(weight: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.float32, device=weight.device)
     matrices = _view_3d(weight.detach(), layout)
     tiles = _tiles(matrices, _tile_edges(layout, *matrices.shape[1:]))
-    # max |w| per tile with no |w| copy of the weight (a weight-sized temporary per call fragments the host heap
-    # of older torch: RSS grew by a weight per tensor across a checkpoint); exact in any dtype, then float32 so
-    # that the division does not round twice
+    # max |w| per tile without a |w| copy of the weight (with it and an out-of-place clamp in quantize, torch 2.6
+    # held 1270 MiB of host memory after quantizing forty 2048x2048 float32 weights in turn, 234 MiB without:
+    # 160 MiB of it the codes); exact in any dtype, then float32 so that the division does not round twice
     amax = torch.linalg.vector_norm(tiles, ord=math.inf, dim=(3, 4)).float()
     return scale_from_amax(amax, layout.fp8_max).reshape(shape)
 

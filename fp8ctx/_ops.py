@@ -1,9 +1,10 @@
 """Dedicated paths for the weights fp8ctx holds: Linear, Conv*, ConvTranspose*, Embedding, transformers' Conv1D
 (``torch.addmm``), and mixture-of-experts tensors (picking an expert, gathering experts, grouped matmuls).
 
-Each handler is registered in :data:`FUNCTIONS` for the torch functions it replaces, with the argument that
-holds the weight; ``FP8Tensor.__torch_function__`` runs it when that argument is the call's only FP8 weight
-(otherwise the call runs as torch would, on dequantized values). Layering: this module knows FP8 weights only
+Each handler is registered in :data:`FUNCTIONS` for the torch functions it replaces (in :data:`OPERATORS`, by
+qualified name, for a library's own ``torch.ops`` operators), with the argument that holds the weight;
+``FP8Tensor.__torch_function__`` runs it when that argument is the call's only FP8 weight (otherwise the call
+runs as torch would, on dequantized values). Layering: this module knows FP8 weights only
 through their public attributes, so ``_tensor`` imports it, not the other way round.
 
 Memory bound: inside a forward, at most one weight's dense copy exists at a time. A handler dequantizes
@@ -28,7 +29,7 @@ from ._errors import FP8Error
 if TYPE_CHECKING:
     from ._tensor import FP8Tensor
 
-__all__ = ["FUNCTIONS", "OPERATORS", "Handler", "implements", "implements_operator", "operator_handler"]
+__all__ = ["FUNCTIONS", "LIBRARY_OPERATORS", "OPERATORS", "Handler", "implements", "implements_operator", "operator_handler"]
 
 
 @dataclasses.dataclass(frozen=True)
