@@ -12,6 +12,7 @@ import torch
 
 from ._cli_store import add_commands, inspect, quantize
 from ._config import FP8Config
+from ._devices import check_device
 from ._errors import FP8Error
 from ._quality import METRICS
 
@@ -77,22 +78,12 @@ def _count(text: str) -> int:
     return value
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FP8Error(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FP8Error(f"--device {name!r}: no CUDA device is available here")
-    return device
-
-
 def _report(args: argparse.Namespace) -> int:
     from ._report import report
     from .integrations.cli_models import default_subjects, load_subjects
 
     config = FP8Config(args.storage_dtype, args.granularity, args.block_size)  # a bad --block-size fails here
-    device = _device(args.device)
+    device = check_device(args.device, "--device")
     dtype = DTYPES[args.dtype]
     if args.model_dir is None:
         if args.component:

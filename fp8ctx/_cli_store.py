@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ._config import DEFAULT_LAYERS, FP8Config
+from ._devices import check_device
 from ._metrics import format_bytes as _size
 from ._store import FP8Store
 from ._storefile import StoreFile
@@ -50,6 +51,7 @@ def quantize(args: argparse.Namespace) -> int:
     """``fp8ctx quantize``: one complete store per model."""
     from .integrations.skeletons import resolve_source, skeletons
 
+    device = check_device(args.device, "--device")  # before any download or skeleton is built
     layers = DEFAULT_LAYERS + ((torch.nn.Embedding,) if args.embedding else ())
     config = FP8Config(args.storage_dtype, args.granularity, args.block_size, layers=layers)
     models = skeletons(resolve_source(args.src), args.component, _DTYPES.get(args.dtype))
@@ -60,7 +62,7 @@ def quantize(args: argparse.Namespace) -> int:
     for model in models:
         target = out / f"{model.name}.fp8.safetensors" if pipeline else out
         store = FP8Store.from_checkpoint(
-            model.module, model.checkpoint, config, device=args.device, progress_bar=sys.stderr.isatty() or None
+            model.module, model.checkpoint, config, device=device, progress_bar=sys.stderr.isatty() or None
         )
         store.save(target)
         print(f"{target}: {store}")

@@ -18,7 +18,8 @@ from ._options import check_progress_bar, resolve
 from ._exclude import check_exclude
 from ._plan import Plan, unquantized_tensors
 from ._progress import progress
-from ._storefile import UNQUANTIZED_DTYPES, check_device, read_store, write_store
+from ._devices import check_device
+from ._storefile import UNQUANTIZED_DTYPES, read_store, write_store
 from ._tensor import FP8Tensor
 
 __all__ = ["FP8Store"]
@@ -287,7 +288,12 @@ class FP8Store(Mapping[str, FP8Tensor]):
         return {name: entry.dequantize() for name, entry in self._entries.items()}
 
     def to(self, device: torch.device | str) -> FP8Store:
-        """A store with every entry's data and scales, and every unquantized tensor, on ``device``."""
+        """A store with every entry's data and scales, and every unquantized tensor, on ``device``.
+
+        Raises:
+            FP8Error: ``device`` is not a cpu or cuda device of this machine (nothing is copied).
+        """
+        device = check_device(device)
         return FP8Store(
             {name: entry.to_device(device) for name, entry in self._entries.items()},
             {name: tensor.to(device) for name, tensor in self._unquantized.items()},

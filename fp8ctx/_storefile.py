@@ -27,7 +27,7 @@ from ._layout import COMPUTE_DTYPES, FP8Layout
 from ._tensor import FP8Tensor
 from ._version import __version__
 
-__all__ = ["FORMAT", "StoreFile", "TensorReader", "check_device", "read_store", "write_store"]
+__all__ = ["FORMAT", "StoreFile", "TensorReader", "read_store", "write_store"]
 
 FORMAT = 2
 
@@ -53,26 +53,6 @@ UNQUANTIZED_DTYPES = tuple(dtype for dtype in _DTYPES.values() if dtype not in (
 # a handle is reopened after this many bytes: safetensors maps the file, and the pages read stay resident
 # until the map is closed, so reading through one handle would make the whole file resident
 _WINDOW = 16 * 2**20
-
-
-def check_device(device: object) -> torch.device:
-    """``device`` as a ``torch.device`` that exists here.
-
-    Raises:
-        FP8Error: not a device name, or a CUDA device on a machine without one (blames the device, not a file).
-    """
-    try:
-        parsed = torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError):
-        raise FP8Error(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FP8Error(f"device {device!r}: no CUDA device is available here; load with device='cpu'")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise FP8Error(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type != "cpu":
-        raise FP8Error(f"device {device!r}: store files load onto cpu or cuda")
-    return parsed
 
 
 # -- writing --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import _numerics, _protocols, kernels  # noqa: F401  (_protocols registers its handlers)
+from ._devices import check_device
 from ._errors import FP8Error
 from ._layout import COMPUTE_DTYPES, FP8Layout, Granularity
 from ._readonly import ReadOnlyTensor
@@ -223,7 +224,12 @@ class FP8Tensor(ReadOnlyTensor):
         return self._rewrap(self._data.transpose(-2, -1), fp8_layout=layout.replace(channel_axis=axis))
 
     def to_device(self, device: torch.device | str) -> FP8Tensor:
-        """The same FP8 weight with data and scales on ``device`` (no dequantization)."""
+        """The same FP8 weight with data and scales on ``device`` (no dequantization).
+
+        Raises:
+            FP8Error: ``device`` is not a cpu or cuda device of this machine.
+        """
+        device = check_device(device)
         return _as_parameter(self._rewrap(self._data.to(device), self._scale.to(device)))
 
     def with_compute(self, compute: str) -> FP8Tensor:

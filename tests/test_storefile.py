@@ -186,10 +186,10 @@ def test_every_damaged_part_is_refused_naming_file_and_field(saved, damage, mess
 
 
 def test_a_bad_device_is_blamed_not_the_file(saved):
-    with pytest.raises(FP8Error, match="device 'bogus' is not a device name"):
+    with pytest.raises(FP8Error, match="device='bogus' is not a device name"):
         FP8Store.load(saved, device="bogus")
     if not torch.cuda.is_available():
-        with pytest.raises(FP8Error, match="device 'cuda'.*no CUDA device"):
+        with pytest.raises(FP8Error, match="device='cuda'.*no CUDA device"):
             FP8Store.load(saved, device="cuda")
 
 
