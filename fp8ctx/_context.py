@@ -217,6 +217,10 @@ def functional_call(
         FP8Error: a bad option, or a store that does not fit the module or contradicts ``config``; the module
             is held by an ``fp8_weights`` block, or by a call of this same thread.
 
+    An interrupt (Ctrl-C) while the module is being restored does not stop the restore; if the restore
+    cannot finish (a step fails, or interrupts keep coming), the exception leaving the call says so in a
+    note, and the next ``functional_call`` or ``fp8_weights`` on the module finishes it first.
+
     Example:
         >>> encoder = torch.nn.Linear(16, 8)
         >>> store = fp8ctx.FP8Store.from_module(encoder, granularity="channel")
@@ -241,4 +245,4 @@ def functional_call(
         error = raised
         raise
     finally:
-        hold.close(error)
+        hold.end_call(error)  # resumable like fp8_weights' exit; never leaves stand-ins silently

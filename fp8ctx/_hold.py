@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -47,11 +48,13 @@ class Hold:
         self._progress_bar = progress_bar
 
     def claim_tree(self, module: nn.Module) -> None:
-        """Claim ``module`` and everything under it before planning (``functional_call``).
+        """Claim ``module`` and everything under it before planning (``functional_call``, which calls this
+        itself: its frame is recorded, to tell a call that ended without restoring from a running one).
 
         Raises:
             FP8Error: a conflict that is not waited for (see ``_claims``).
         """
+        self._claim.bind_call(sys._getframe(1), self.restore)  # finished by the next holder if the call ends first
         self._claim.take(tree(module), wait=self._claim.kind == "functional_call")
 
     def enter(self, plans: Sequence[Plan]) -> list[dict[str, FP8Tensor]]:
@@ -151,6 +154,39 @@ class Hold:
                 break
         if interrupt is not None and propagating is None:
             raise interrupt
+
+    def end_call(self, propagating: BaseException | None) -> None:
+        """``functional_call``'s end: :meth:`close`, made to finish even if an interrupt stops ``close`` itself
+        between its steps (it is run once more); if the modules still are not restored (a restore step fails,
+        or interrupts keep coming), it is logged and the exception leaving the call says so in a note; the next
+        holder of those modules finishes the restore first (``_claims``: the call's frame has ended).
+
+        Args:
+            propagating: the exception ending the call, if any (as for :meth:`close`).
+        """
+        try:
+            self.close(propagating)
+        finally:
+            if not self.restored:
+                self._close_again(propagating)
+
+    def _close_again(self, propagating: BaseException | None) -> None:
+        try:
+            self.close(propagating)
+        finally:
+            if not self.restored:
+                self._say_unfinished()
+
+    def _say_unfinished(self) -> None:
+        message = (
+            f"fp8ctx: {self._claim.kind}() could not finish restoring its module ({self._journal.pending} changes "
+            "pending): it holds FP8 stand-ins until the next fp8_weights() or functional_call() on it, which "
+            "finishes the restore first"
+        )
+        logger.error(message)
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None:
+            in_flight.add_note(message)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import _fsdp
+from ._claims import finish_ended
 from ._config import FP8Config
 from ._errors import FP8Error
 from ._progress import progress
@@ -191,6 +192,7 @@ class Plan:
     def make(cls, module: nn.Module, config: FP8Config, store: Mapping[str, FP8Tensor] | None = None) -> Plan:
         """The plan for ``module``: the store's entries matched to it (and, for a meta-device skeleton, the
         store's dense tensors for its other tensors), or the targets ``config`` selects."""
+        finish_ended(module)  # a functional_call that ended without restoring: read the originals, not its stand-ins
         if store is not None:
             _refuse_offloaded_entries(module, store)
         targets = targets_from_store(module, store) if store is not None else find_targets(module, config)

@@ -323,6 +323,9 @@ class FP8Store(Mapping[str, FP8Tensor]):
         Each entry is its codes (``name``), its scales (``name:scale``) and, in the metadata, its layout,
         original dtype and value dtype; unquantized tensors are stored under their names. The metadata also
         records the file format, the fp8ctx version and the store's config (when its entries share one).
+
+        The file is written beside ``path`` and renamed onto it once complete: an interrupt, an error or a
+        full disk part way leaves whatever was at ``path`` before, never a truncated store.
         """
         config = None
         if len({_scheme(entry) for entry in self._entries.values()}) <= 1:
@@ -360,7 +363,11 @@ class FP8Store(Mapping[str, FP8Tensor]):
                 written = FP8Config.from_dict(file.config)
             except FP8Error as error:
                 raise FP8Error(f"{file.path!r}: metadata fp8ctx.config: {error}") from None
-            if entries and store.config != written:
+            try:
+                held = store.config if entries else written
+            except FP8Error as error:  # entries of several schemes under one declared config
+                raise FP8Error(f"{file.path!r}: metadata fp8ctx.config declares one scheme, but {error}") from None
+            if held != written:
                 raise FP8Error(f"{file.path!r}: the config in its metadata ({written}) does not match its entries")
         return store
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -110,13 +111,21 @@ def _write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata:
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            host = tensor.detach().to("cpu").contiguous()
-            if host.numel():
-                handle.write(host.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # written beside the target and renamed over it once complete: an interrupt or a full disk part way
+    # leaves the file that was there (or none), never a truncated store under the name
+    partial = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with open(partial, "xb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for tensor in tensors.values():
+                host = tensor.detach().to("cpu").contiguous()
+                if host.numel():
+                    handle.write(host.reshape(-1).view(torch.uint8).numpy().tobytes())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -226,6 +235,9 @@ class StoreFile:
         if "fp8ctx.config" in metadata:
             self.config = _json(metadata["fp8ctx.config"], where, "fp8ctx.config", dict)
         self.layouts = {name: self._check_entry(name, fields) for name, fields in raw_layouts.items()}
+        twice = sorted({str(name) for name in self.unquantized if self.unquantized.count(name) > 1})
+        if twice:
+            raise FP8Error(f"{where!r}: fp8ctx.unquantized lists {twice[:3]} more than once; a store holds each name once")
         for name in self.unquantized:
             self._check_unquantized(name)
         claimed = {key for name in self.layouts for key in (name, name + ":scale")} | set(self.unquantized)
@@ -272,6 +284,9 @@ class StoreFile:
             raise FP8Error(f"{where!r}: fp8ctx.unquantized lists {name!r}, which has no tensor in the file")
         if name in self.layouts:
             raise FP8Error(f"{where!r}: {name!r} is both an FP8 entry and an unquantized tensor")
+        if name.endswith(":scale") and name.removesuffix(":scale") in self.layouts:
+            raise FP8Error(f"{where!r}: fp8ctx.unquantized lists {name!r}, the scales of FP8 entry "
+                           f"{name.removesuffix(':scale')!r}; a tensor belongs to one place")
         dtype = self.reader.headers[name][0]
         if dtype not in UNQUANTIZED_DTYPES:
             raise FP8Error(
@@ -311,11 +326,26 @@ def _format(value: str, where: str) -> int:
 
 def _json(text: str, where: str, key: str, kind: type) -> Any:
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, TypeError, RecursionError) as error:
         raise FP8Error(f"{where!r}: metadata {key} is not JSON ({error})") from None
+    except _DuplicateKey as duplicate:
+        raise FP8Error(f"{where!r}: metadata {key} names {duplicate.args[0]!r} twice; a store holds each name once") from None
     if type(value) is not kind:
         raise FP8Error(f"{where!r}: metadata {key} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+class _DuplicateKey(Exception):
+    """A JSON object naming a key twice (``json`` would silently keep the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _DuplicateKey(key)
+        value[key] = item
     return value
 
 

@@ -3,6 +3,7 @@ and the field, and nothing in a file is executed. Complete stores round-trip wit
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 import struct
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fp8ctx
+from fp8ctx import _storefile
 from fp8ctx import FP8Error, FP8Store, FP8Tensor
 
 
@@ -172,6 +174,14 @@ DAMAGES = {
     "format-newer": (_set_metadata("fp8ctx.format", "3"), r"fp8ctx.format is '3'.*upgrade fp8ctx"),
     "format-garbage": (_set_metadata("fp8ctx.format", "two"), r"fp8ctx.format is 'two'"),
     "no-layouts": (_set_metadata("fp8ctx.layouts", None), r"not an fp8ctx store"),
+    # one name, two meanings: each would silently pick one of them
+    "layouts-name-twice": (lambda m, t: m.update({"fp8ctx.layouts": m["fp8ctx.layouts"].replace(
+        '{"fc.weight":', '{"fc.weight": {}, "fc.weight":', 1)}), r"fp8ctx.layouts names 'fc.weight' twice"),
+    "unquantized-twice": (lambda m, t: m.update({"fp8ctx.unquantized": json.dumps(
+        json.loads(m["fp8ctx.unquantized"]) * 2)}), r"fp8ctx.unquantized lists \['.*'\] more than once"),
+    "scales-listed-as-unquantized": (lambda m, t: m.update({"fp8ctx.unquantized": json.dumps(
+        json.loads(m["fp8ctx.unquantized"]) + ["fc.weight:scale"])}), r"'fc.weight:scale', the scales of FP8 entry"),
+    "schemes-mixed-under-one-config": (_edit_layout("block_size", 64), r"fp8ctx.config declares one scheme"),
 }
 
 
@@ -293,3 +303,41 @@ def test_fuzz_header_json_edits(good_bytes, tmp_path, data):
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     _outcome(struct.pack("<Q", len(encoded)) + encoded + good_bytes[8 + size :], tmp_path / "edited.safetensors")
+
+
+def test_an_interrupt_at_any_line_of_save_leaves_the_old_file_or_the_whole_new_one(tmp_path):
+    from test_context import InterruptAt
+
+    class Where(InterruptAt):
+        struck = ("", 0)
+
+        def _line(self, frame, event, arg):  # type: ignore[no-untyped-def]
+            if event == "line" and self.lines + 1 == self.at:
+                self.struck = (frame.f_code.co_name, frame.f_lineno)
+            return super()._line(frame, event, arg)
+
+    path = tmp_path / "store.safetensors"
+    FP8Store.from_module(nn.Linear(4, 4)).save(path)
+    old = path.read_bytes()
+    new_store = FP8Store.from_module(small_model(), granularity="channel", complete=True)
+    counting = InterruptAt()
+    with counting:
+        new_store.save(tmp_path / "reference.safetensors")
+    new = (tmp_path / "reference.safetensors").read_bytes()
+    cleanup = [number for number, line in enumerate(inspect.getsource(_storefile).splitlines(), 1)
+               if "os.path.exists(partial)" in line or "os.unlink(partial)" in line]
+    for at in range(1, counting.lines + 1):
+        interrupt = Where(at)
+        try:
+            with interrupt:
+                new_store.save(path)
+        except KeyboardInterrupt:
+            pass
+        assert path.read_bytes() in (old, new), f"a damaged store after an interrupt at {interrupt.struck}"
+        left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+        if left:  # only an interrupt in the clean-up itself leaves the partial file (never under the name)
+            assert interrupt.struck[0] == "_write_safetensors" and interrupt.struck[1] in cleanup, interrupt.struck
+            for name in left:
+                (tmp_path / name).unlink()
+        path.write_bytes(old)
+    assert FP8Store.load(tmp_path / "reference.safetensors").keys() == new_store.keys()
