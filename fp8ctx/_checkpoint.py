@@ -23,7 +23,7 @@ from ._errors import FP8Error
 from ._layout import FP8Layout, Granularity
 from ._select import Target, select_targets
 from ._progress import progress
-from ._storefile import TensorReader
+from ._safetensors import TensorReader
 from ._tensor import FP8Tensor
 from .integrations import transformers_keys
 

@@ -210,28 +210,6 @@ def test_loading_onto_a_device_puts_every_tensor_there(saved, device):
     assert all(t.device.type == kind for t in loaded.unquantized.values())
 
 
-def test_reading_a_file_does_not_keep_the_whole_file_mapped(tmp_path, monkeypatch):
-    """The reader reopens its map every window: the pages it read can go, one window at a time."""
-    from fp8ctx import _storefile
-
-    monkeypatch.setattr(_storefile, "_WINDOW", 1)
-    opened = []
-    real = _storefile.TensorReader._open
-
-    def counting(self):
-        fresh = self._handle is None
-        handle = real(self)
-        opened.append(fresh)
-        return handle
-
-    monkeypatch.setattr(_storefile.TensorReader, "_open", counting)
-    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
-    FP8Store.from_module(model, complete=True).save(tmp_path / "s.safetensors")
-    opened.clear()
-    FP8Store.load(tmp_path / "s.safetensors")
-    assert sum(opened) > 8  # reopened as it read, not one map over the whole file
-
-
 # -- fuzzing: every outcome is a valid store or an FP8Error ------------------------------------------
 
 
