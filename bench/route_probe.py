@@ -3,19 +3,20 @@
 
 For DiT and text-tower shapes at several token counts: bf16 F.linear, the fused W8A16 kernel and dequantize +
 cuBLAS, each timed (a) as `_route` times it (CUDA events, L2 evicted before each run) and (b) 10 calls captured in a
-CUDA graph with L2 evicted before each; then what `_route.choose` picks, three times from an empty cache.
+CUDA graph with L2 evicted before each (bench/_measure.Dev.time_graph); then what `_route.choose` picks, three times from an empty cache.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import torch
 import torch.nn.functional as F
+
+from _measure import Dev
 
 from fp8ctx._layout import FP8Layout
 from fp8ctx._numerics import compute_scale, quantize
@@ -26,38 +27,11 @@ SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (4608, 3584), (37888, 3584
 TOKENS = [64, 256, 1024, 4352]
 
 
-def graph_ms(fn, flush, calls=10, replays=5):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    res = []
-    for with_fn in (True, False):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                flush.zero_()
-                if with_fn:
-                    fn()
-        g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(replays):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        res.append(statistics.median(times))
-    return (res[0] - res[1]) / calls
-
-
 def main():
     dev = torch.device("cuda")
     layout = FP8Layout("channel")
     flush = _route._flush_buffer(dev)
+    timer = Dev(dev)
     print(torch.cuda.get_device_name(), torch.__version__)
     print(f"{'T':>5} {'N':>6} {'K':>6} | route-timer: bf16 fused dequant | graph: bf16 fused dequant | chosen x3")
     for n, k in SHAPES:
@@ -75,7 +49,7 @@ def main():
             for r in runs.values():
                 r()
             timer = {name: _route._time_ms(r, flush) for name, r in runs.items()}
-            graph = {name: graph_ms(r, flush) for name, r in runs.items()}
+            graph = {name: timer.time_graph(r, calls=10) for name, r in runs.items()}
             chosen = []
             for _ in range(3):
                 _route._routes.clear()
