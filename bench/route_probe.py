@@ -31,7 +31,7 @@ def main():
     dev = torch.device("cuda")
     layout = FP8Layout("channel")
     flush = _route._flush_buffer(dev)
-    timer = Dev(dev)
+    gpu = Dev(dev)
     print(torch.cuda.get_device_name(), torch.__version__)
     print(f"{'T':>5} {'N':>6} {'K':>6} | route-timer: bf16 fused dequant | graph: bf16 fused dequant | chosen x3")
     for n, k in SHAPES:
@@ -49,7 +49,7 @@ def main():
             for r in runs.values():
                 r()
             timer = {name: _route._time_ms(r, flush) for name, r in runs.items()}
-            graph = {name: timer.time_graph(r, calls=10) for name, r in runs.items()}
+            graph = {name: gpu.time_graph(r, calls=10) for name, r in runs.items()}
             chosen = []
             for _ in range(3):
                 _route._routes.clear()
