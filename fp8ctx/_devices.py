@@ -68,6 +68,6 @@ def check_device(device: object, option: str = "device") -> torch.device:
     if parsed.index is not None and parsed.index >= count:
         raise FP8Error(
             f"{option}={device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; pick one of "
-            "those (CUDA_VISIBLE_DEVICES renumbers them)"
+            "those (CUDA_VISIBLE_DEVICES renumbers them) or device='cpu'"
         )
     return parsed

@@ -89,8 +89,9 @@ def sharded_tower():
 
 
 def _records(model) -> list:
-    return [record for layer in model.layers for group in layer._get_fsdp_state()._fsdp_param_groups
-            for record in group.fsdp_params]
+    from fp8ctx._fsdp import _groups  # FSDP2 keeps one group or several, by torch version
+
+    return [record for layer in model.layers for group in _groups(layer) for record in group.fsdp_params]
 
 
 def fsdp(rank: int, world: int) -> dict:
