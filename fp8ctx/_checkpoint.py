@@ -262,10 +262,15 @@ def _mismatch_message(
         parts.append(f"{len(converted)} need a tensor conversion (merged or split by transformers): {_few(converted)}")
     if unused:
         parts.append(f"{len(unused)} checkpoint tensor(s) have no place in the model: {_few(unused)} (strict=False skips them)")
-    return (
-        f"checkpoint {os.fspath(path)!r} does not match {type(skeleton).__name__}: " + "; ".join(parts)
-        + ". Build the skeleton from the checkpoint's own config"
-    )
+    way_out = ". Build the skeleton from the checkpoint's own config"
+    if converted:
+        # transformers merges or splits these while loading (per-expert tensors into one experts tensor, ...):
+        # from_checkpoint reads tensors one by one under the skeleton's names and does not run those conversions
+        way_out += (
+            "; for tensors transformers converts while loading, load the model once with from_pretrained and build "
+            "the store with FP8Store.from_module(model, complete=True), then save it"
+        )
+    return f"checkpoint {os.fspath(path)!r} does not match {type(skeleton).__name__}: " + "; ".join(parts) + way_out
 
 
 def _few(names: list[str]) -> str:

@@ -317,3 +317,41 @@ def test_a_nan_or_inf_anywhere_in_a_checkpoint_weight_is_refused(tmp_path, granu
         skeleton = nn.Linear(1024, 1024)
     with pytest.raises(FP8Error, match=r"weight 'weight' contains NaN or Inf in the checkpoint"):
         FP8Store.from_checkpoint(skeleton, tmp_path, granularity=granularity, block_size=128)
+
+
+def qwen3_moe(meta=False):
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, head_dim=16,
+    )
+    torch.manual_seed(0)
+    if meta:  # as from_pretrained(dtype=bfloat16) builds it: rotary buffers stay float32
+        with torch.device("meta"):
+            return transformers.Qwen3MoeModel._from_config(config, dtype=torch.bfloat16).eval()
+    return transformers.Qwen3MoeModel._from_config(config, dtype=torch.bfloat16).eval()
+
+
+def test_per_expert_checkpoints_are_refused_with_the_way_out_and_the_way_out_runs_from_disk(tmp_path):
+    model = qwen3_moe()
+    model.save_pretrained(tmp_path / "hub")  # transformers writes the fused experts back one tensor per expert
+    with pytest.raises(FP8Error) as caught:
+        FP8Store.from_checkpoint(qwen3_moe(meta=True), tmp_path / "hub")
+    message = str(caught.value)
+    assert "experts.0.gate_proj.weight" in message and "experts.gate_up_proj" in message
+    assert "FP8Store.from_module(model, complete=True)" in message
+    # the way out: the loaded model's complete store, saved once, runs a meta skeleton bit for bit
+    import transformers
+
+    loaded = transformers.Qwen3MoeModel.from_pretrained(tmp_path / "hub", dtype=torch.bfloat16).eval()
+    FP8Store.from_module(loaded, complete=True).save(tmp_path / "moe.fp8.safetensors")
+    skeleton = qwen3_moe(meta=True)
+    input_ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with fp8ctx.fp8_weights(loaded):
+            expected = loaded(input_ids).last_hidden_state
+        with fp8ctx.fp8_weights(skeleton, store=FP8Store.load(tmp_path / "moe.fp8.safetensors")):
+            actual = skeleton(input_ids).last_hidden_state
+    assert torch.equal(actual, expected)
+    assert all(t.is_meta for t in skeleton.parameters())
