@@ -8,6 +8,7 @@ weight at a time. Everything here reads modules and computes; nothing changes a 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from ._progress import progress
 from ._select import Target, find_targets
 from ._tensor import FP8Tensor
 from .integrations.offload import meta_weight_advice, offloaded_by_accelerate, under
+
+logger = logging.getLogger("fp8ctx")
 
 __all__ = [
     "Fill",
@@ -196,6 +199,8 @@ class Plan:
         if store is not None:
             _refuse_offloaded_entries(module, store)
         targets = targets_from_store(module, store) if store is not None else find_targets(module, config)
+        if not targets and store is None:
+            _say_nothing_is_held(module, config)
         layouts = [target.layout(config) for target in targets]
         sharded = _fsdp.check_sharded(module, targets, layouts, store is not None)
         fills = tuple(meta_fills(module, store, targets)) if store is not None else ()
@@ -215,3 +220,15 @@ class Plan:
                 yield target, _fsdp.quantize_shard(record, target.param, layout, target.name)
             else:
                 yield target, quantize_target(target, self.config)
+
+
+def _say_nothing_is_held(module: nn.Module, config: FP8Config) -> None:
+    # not an error (a pipeline component may have no such layer), but never silent: a layer type without a weight
+    # in layers= (nn.ReLU), or an exclusion that covers everything, would otherwise look like a working hold
+    kinds = ", ".join(layer.__name__ for layer in config.layers)
+    excluded = f" outside the {len(config.exclude)} exclusion rule(s)" if config.exclude else ""
+    logger.warning(
+        "fp8ctx: nothing of %s is held as FP8: it has no weight in a layer of the types (%s)%s; check layers= and "
+        "exclude= (a type without a weight, such as nn.ReLU, holds nothing)",
+        type(module).__name__, kinds, excluded,
+    )

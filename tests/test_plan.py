@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from conftest import reference_qdq
 from test_exclude import Codec
 from test_select import zoo
 from torch import nn
 
-from fp8ctx import FP8Config, FP8Error, FP8Store
-from fp8ctx import _plan
+import fp8ctx
+from conftest import assert_restored, reference_qdq, snapshot
+from fp8ctx import FP8Config, FP8Error, FP8Store, _plan
 from fp8ctx._plan import Plan, check_overlap, targets_from_store
 
 
@@ -60,3 +62,21 @@ def test_plan_from_a_store_takes_its_entries_without_quantizing(monkeypatch):
     monkeypatch.setattr(_plan, "quantize_target", lambda *args: pytest.fail("a store's plan must not quantize"))
     plan = Plan.make(model, FP8Config(), store)
     assert [(t.name, entry) for t, entry in plan.entries()] == [(name, store[name]) for name in store]
+
+
+@pytest.mark.parametrize("options", [{"layers": [nn.ReLU]}, {"exclude": ["0", "2"]}, {"layers": [nn.Conv2d]}])
+def test_a_hold_that_selects_nothing_says_so(caplog, options):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    before = snapshot(model)
+    with caplog.at_level(logging.WARNING, logger="fp8ctx"), fp8ctx.fp8_weights(model, **options) as store:
+        assert len(store) == 0
+    (record,) = [r for r in caplog.records if r.name == "fp8ctx"]
+    assert "nothing of Sequential is held" in record.getMessage() and "layers=" in record.getMessage()
+    assert_restored(model, before)
+
+
+def test_a_hold_that_selects_weights_says_nothing(caplog):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    with caplog.at_level(logging.WARNING, logger="fp8ctx"), fp8ctx.fp8_weights(model) as store:
+        assert len(store) == 1
+    assert not [r for r in caplog.records if r.name == "fp8ctx"]
