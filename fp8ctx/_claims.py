@@ -23,9 +23,9 @@ nothing will take out, and a running call is never mistaken for an ended one (a 
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from types import FrameType
 
@@ -111,13 +111,6 @@ class Claim:
         the holder runs (or another caller is finishing it)."""
         if self._finish is None or self._frame is None or _running(self._frame, self.thread):
             return None
-        if self.thread is not threading.current_thread() and self.thread.is_alive():
-            # a second look at the other thread's stack before taking its restore: a running call taken for an
-            # ended one would be restored under it (seen once in CI under the suite's load); meanwhile that thread
-            # either runs on or waits for this lock, its stack then still
-            time.sleep(0.01)
-            if _running(self._frame, self.thread):
-                return None
         finish, self._finish = self._finish, None
         return finish
 
@@ -173,19 +166,33 @@ def finish_ended(module: nn.Module) -> None:
         _finish_ended(*ended)
 
 
+# a generator's or coroutine's frame links to its caller only while it runs
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
 def _running(frame: FrameType, thread: threading.Thread) -> bool:
-    """Whether ``frame`` is still executing on ``thread``'s stack."""
-    if thread is threading.current_thread():
-        top: FrameType | None = sys._getframe()
-    elif thread.is_alive():
-        top = sys._current_frames().get(thread.ident or -1)
-    else:
-        return False
-    while top is not None:
-        if top is frame:
-            return True
-        top = top.f_back
-    return False
+    """Whether ``frame`` is still executing on ``thread``'s stack.
+
+    Another thread's stack is read from a snapshot of its top frame while it runs on: if that top frame was a
+    generator's that has since been suspended, its caller link is gone and the walk stops short of the bottom
+    (measured: 296 of 345,253 looks at a thread summing a generator expression). Such a walk proves nothing, so
+    the stack is looked at again; a walk is conclusive when it reaches ``frame`` or ends at an ordinary frame.
+    """
+    for _ in range(1000):
+        if thread is threading.current_thread():
+            top: FrameType | None = sys._getframe()
+        elif thread.is_alive():
+            top = sys._current_frames().get(thread.ident or -1)
+        else:
+            return False
+        last = None
+        while top is not None:
+            if top is frame:
+                return True
+            last, top = top, top.f_back
+        if last is None or not last.f_code.co_flags & _SUSPENDABLE:
+            return False
+    return True  # never one conclusive look: the safe answer is that the call still runs
 
 
 def _finish_ended(finish: Callable[[], None], holder: Claim, name: str) -> None:

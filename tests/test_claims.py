@@ -255,3 +255,34 @@ def test_functional_calls_and_blocks_mixed_on_overlapping_modules_never_interlea
     for which, out in outputs:  # every call ran entirely on FP8 weights, never on a block's or a mix
         assert torch.equal(out, expected_child if which == "child" else expected)
     assert_restored(net, before)
+
+
+def test_a_call_running_generators_in_another_thread_is_never_taken_for_an_ended_one():
+    # what tells a running functional_call from one that ended without restoring: its frame on its thread's stack.
+    # Read from another thread while the first runs generator expressions (as model code does), the walk used to
+    # stop at a suspended generator's frame and call the running call ended (296 in 345,253 looks in one second)
+    from fp8ctx._claims import _running
+
+    started, stop = threading.Event(), threading.Event()
+    frames = []
+
+    def body() -> None:
+        frames.append(sys._getframe())
+        started.set()
+        while not stop.is_set():
+            sum(value for value in range(20))
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    started.wait()
+    looks, ended = 0, 0
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            looks += 1
+            ended += not _running(frames[0], worker)
+    finally:
+        stop.set()
+        worker.join()
+    assert looks > 1000 and ended == 0
+    assert not _running(frames[0], worker)  # once the thread has ended, so has the call
