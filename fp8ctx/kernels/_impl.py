@@ -55,12 +55,21 @@ def linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, dequantize(data, scale), bias)`` for an FP8 weight ``(N, K)``."""
-    # the fused kernel's K tiles must divide a scale block: block sizes need a factor of 16
-    tiles_fit = layout.granularity is not Granularity.BLOCK or layout.block_size % 16 == 0
-    fused = _fused(x, data) if x.dtype == dtype and tiles_fit else None
+    fused = _fused_linear(x, data, layout, dtype)
     if fused is not None:
         return fused.w8a16_linear(x, data, scale, layout, bias)
     return F.linear(x, _numerics.dequantize(data, scale, layout, dtype), bias)
+
+
+def _fused_linear(x: torch.Tensor, data: torch.Tensor, layout: FP8Layout, dtype: torch.dtype) -> ModuleType | None:
+    """The Triton backend where it can run this linear (one route of two, see ``_route``), else None."""
+    # the fused kernel's K tiles must divide a scale block: block sizes need a factor of 16
+    tiles_fit = layout.granularity is not Granularity.BLOCK or layout.block_size % 16 == 0
+    return _fused(x, data) if x.dtype == dtype and tiles_fit else None
+
+
+def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def linear_in_torch_ops(
@@ -78,14 +87,13 @@ def linear_in_torch_ops(
     no call measured it before), sizes are symbolic, the call is off the GPU (the op
     records the same math there), or gradients are to be computed (the op's formula rebuilds the dense weight
     in backward instead of saving it)."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or not x.is_cuda or backend[0] != "auto" or data.dim() != 2:
+    if _needs_grad(x, bias) or not x.is_cuda or backend[0] != "auto" or data.dim() != 2:
         return None
     n, k = data.shape
     tokens = x.numel() // k if k else 0
     if not all(isinstance(size, int) for size in (tokens, n, k)) or 0 in (tokens, n, k):
         return None
-    fused = _fused(x, data) if x.dtype == dtype else None
+    fused = _fused_linear(x, data, layout, dtype)
     if fused is not None:
         has_bias = bias is not None
         key = _route.key_of(tokens, n, k, x.dtype, x.device, layout, data.dtype, has_bias)
@@ -175,8 +183,7 @@ def fp8_linear_in_torch_ops(
     so that ``torch.compile`` fuses the rounding into the kernel that produced ``x`` instead of running it as a
     pass of its own. None where the registered op must be recorded instead: no FP8 GEMM on this device, or
     gradients to compute (``torch._scaled_mm`` has no derivative; the op has a formula)."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or not fp8_compute_supported(layout) or x.dtype != dtype:
+    if _needs_grad(x, bias) or not fp8_compute_supported(layout) or x.dtype != dtype:
         return None
     n, k = data.shape
     x2d = x.reshape(-1, k)

@@ -95,16 +95,22 @@ def for_tracer(key: RouteKey, tokens: int, n: int, k: int, measure: Callable[[],
     """The route a tracer records for ``key``: the one measured so far (in this process or the cache file), else
     measured now by ``measure()`` (which runs the call on made-up inputs of the same sizes: a tracer has no real
     ones), else — tuning off, or a CUDA graph being captured — the default."""
-    known = _routes.get(key)
-    if known is None:
-        path = _file_of(key[4])
-        if path is not None and path not in _loaded_files:
-            _load(path)
-            known = _routes.get(key)
+    known = _known(key)
     if known is None and _state["enabled"] and not torch.cuda.is_current_stream_capturing():
         measure()
         known = _routes.get(key)
     return known if known is not None else default_route(tokens, n, k)
+
+
+def _known(key: RouteKey) -> str | None:
+    """The route measured for ``key`` in this process, or read from the device's cache file (once per file)."""
+    known = _routes.get(key)
+    if known is None:
+        path = _file(key[4])
+        if path is not None and path not in _loaded_files:
+            _load(path)
+            known = _routes.get(key)
+    return known
 
 
 def _config_name(config: KernelConfig) -> str:
@@ -148,15 +154,11 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(2 * l2_bytes, dtype=torch.uint8, device=device)
 
 
-def _file(device: torch.device) -> Path | None:
-    return _file_of(device_name(device))
-
-
-def _file_of(device_name: str) -> Path | None:
+def _file(gpu: str) -> Path | None:
     folder = _cache_dir[0]
     if folder is None:
         return None
-    name = device_name.replace(" ", "_").replace("/", "_")
+    name = gpu.replace(" ", "_").replace("/", "_")
     return folder / f"routes-{name}.json"
 
 
@@ -206,15 +208,9 @@ def choose(
         device: the CUDA device.
         run: runs the call once by the named route (its result is thrown away).
     """
-    known = _routes.get(key)
+    known = _known(key)
     if known is not None:
         return known
-    path = _file(device)
-    if path is not None and path not in _loaded_files:
-        _load(path)
-        known = _routes.get(key)
-        if known is not None:
-            return known
     if not _state["enabled"] or torch.cuda.is_current_stream_capturing():
         return default_route(tokens, n, k)
     candidates = [fused_route(tokens, n, k), "dequant"]
@@ -225,6 +221,7 @@ def choose(
     del flush
     best = min(candidates, key=timings.__getitem__)
     _routes[key] = best
+    path = _file(key[4])
     if path is not None:
         _save(path, key[4])
     return best
